@@ -1,0 +1,151 @@
+//! Command-line interface: argument parsing, logging setup and exit codes.
+//!
+//! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage or configuration.
+//! The binary in `src/bin` only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::relay::{self, RelayError, Stats};
+
+const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
+
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, OUTBOX_RELAY_KAFKA_BROKERS overrides kafka.brokers, RUST_LOG sets the log filter (default \"info\").";
+
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about = "Relays transactional outbox rows from PostgreSQL logical replication to Kafka", after_help = EXIT_HELP)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream outbox inserts to Kafka until SIGTERM or SIGINT.
+    ///
+    /// Creates the publication and the slot if missing (postgres.create_missing),
+    /// confirms the slot only after Kafka acknowledged every record up to it, and
+    /// on SIGTERM/SIGINT waits relay.shutdown_timeout_ms for in-flight deliveries.
+    #[command(after_help = EXIT_HELP)]
+    Run {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Parse and validate the configuration without connecting to anything.
+    #[command(after_help = EXIT_HELP)]
+    CheckConfig {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("outbox-relay: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Entry point of the `outbox-relay` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok (slot {:?}, publication {:?}, table {}, topic template {:?}, brokers {:?})",
+                    config.display(),
+                    cfg.postgres.slot,
+                    cfg.postgres.publication,
+                    cfg.outbox.table,
+                    cfg.outbox.topic,
+                    cfg.kafka.brokers
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("outbox-relay: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(run(cfg))
+        }
+    }
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight deliveries");
+        let _ = tx.send(true);
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+    match relay::run(cfg, Arc::new(Stats::default()), rx).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay stopped");
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &RelayError) -> u8 {
+    match e {
+        RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
+        RelayError::Replication(r) if matches!(r, crate::replication::ReplicationError::Auth { .. }) => 2,
+        _ => 1,
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

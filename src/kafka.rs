@@ -1,0 +1,208 @@
+//! The Kafka producer and its delivery reports.
+//!
+//! Wraps an idempotent librdkafka producer: records are enqueued without
+//! waiting, each tagged with its sequence number, and every delivery report is
+//! forwarded on a channel for the ack tracker. Also creates topics on request.
+//! It does not decide what is confirmed (see `ack`) nor how rows map to records
+//! (see `outbox`).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, PurgeConfig, ThreadedProducer};
+use tokio::sync::mpsc;
+
+use crate::ack::Seq;
+use crate::config::{property_value, KafkaConfig};
+use crate::outbox::Record;
+
+/// Defaults the relay applies unless `[kafka.properties]` sets them.
+const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
+    // Bounded memory: at most this much payload waits in librdkafka's queue.
+    ("queue.buffering.max.kbytes", "65536"),
+    ("linger.ms", "5"),
+    ("message.timeout.ms", "300000"),
+];
+
+/// The outcome of one record.
+#[derive(Debug)]
+pub struct DeliveryReport {
+    pub seq: Seq,
+    pub result: Result<(), DeliveryError>,
+}
+
+/// A record the broker did not accept after librdkafka's retries.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka did not accept record for topic {topic:?}: {error}{}", hint(.error))]
+pub struct DeliveryError {
+    pub topic: String,
+    pub error: KafkaError,
+}
+
+fn hint(e: &KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
+            "; create the topic or set kafka.create_topics = true"
+        }
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => "; raise the broker's message.max.bytes or shrink the payload",
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "; grant the relay's principal WRITE on the topic",
+        Some(RDKafkaErrorCode::MessageTimedOut) => "; the broker was unreachable for message.timeout.ms",
+        _ => "",
+    }
+}
+
+/// Why a record could not be enqueued.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// librdkafka's queue is full: back off and retry the same record.
+    #[error("producer queue is full")]
+    QueueFull,
+    #[error("cannot enqueue record for topic {topic:?}: {error}")]
+    Rejected { topic: String, error: KafkaError },
+}
+
+/// An error creating the producer or a topic.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("invalid Kafka producer configuration: {0}; check [kafka.properties]")]
+    Config(KafkaError),
+    #[error("cannot create topic {topic:?}: {error}; create it by hand or check the relay's CREATE permission")]
+    CreateTopic { topic: String, error: String },
+}
+
+pub struct Context {
+    reports: mpsc::UnboundedSender<DeliveryReport>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((error, msg)) => Err(DeliveryError { topic: msg.topic().to_string(), error: error.clone() }),
+        };
+        // The receiver is gone only when the session ended; its records are re-sent then.
+        let _ = self.reports.send(DeliveryReport { seq: seq as Seq, result });
+    }
+}
+
+/// The client configuration shared by the producer and the admin client.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    for (k, v) in DEFAULT_PROPERTIES {
+        cc.set(*k, *v);
+    }
+    for (k, v) in &cfg.properties {
+        cc.set(k, property_value(v).expect("validated"));
+    }
+    cc.set("bootstrap.servers", &cfg.brokers);
+    cc
+}
+
+/// An idempotent producer whose delivery reports arrive on a channel.
+pub struct Producer {
+    inner: ThreadedProducer<Context>,
+    admin: Option<(AdminClient<DefaultClientContext>, NewTopicSettings)>,
+    known_topics: HashSet<String>,
+}
+
+struct NewTopicSettings {
+    partitions: i32,
+    replication: i32,
+}
+
+impl Producer {
+    pub fn new(cfg: &KafkaConfig) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut cc = client_config(cfg);
+        cc.set("enable.idempotence", "true").set("acks", "all");
+        let inner: ThreadedProducer<Context> =
+            cc.create_with_context(Context { reports: tx }).map_err(KafkaSetupError::Config)?;
+        let admin = if cfg.create_topics {
+            let admin: AdminClient<DefaultClientContext> = client_config(cfg).create().map_err(KafkaSetupError::Config)?;
+            Some((admin, NewTopicSettings { partitions: cfg.topic_partitions, replication: cfg.topic_replication_factor }))
+        } else {
+            None
+        };
+        Ok((Producer { inner, admin, known_topics: HashSet::new() }, rx))
+    }
+
+    /// With `kafka.create_topics`, creates `topic` the first time it is seen
+    /// (an existing topic is fine). Without it, does nothing.
+    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), KafkaSetupError> {
+        let Some((admin, settings)) = &self.admin else { return Ok(()) };
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let new = NewTopic::new(topic, settings.partitions, TopicReplication::Fixed(settings.replication));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let err = |error: String| KafkaSetupError::CreateTopic { topic: topic.to_string(), error };
+        let results = admin.create_topics([&new], &opts).await.map_err(|e| err(e.to_string()))?;
+        for r in results {
+            match r {
+                Ok(_) => tracing::info!(topic, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(err(code.to_string())),
+            }
+        }
+        self.known_topics.insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Enqueues a record; its delivery report will carry `seq`.
+    pub fn send(&self, seq: Seq, record: &Record) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header { key: k, value: Some(&v[..]) });
+        }
+        let rec = BaseRecord::with_opaque_to(&record.topic, seq as usize)
+            .key(&record.key[..])
+            .payload(&record.value[..])
+            .headers(headers);
+        match self.inner.send(rec) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(SendError::QueueFull),
+            Err((error, _)) => Err(SendError::Rejected { topic: record.topic.clone(), error }),
+        }
+    }
+
+    /// Records enqueued or in flight inside librdkafka.
+    pub fn queued(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for everything enqueued to be delivered (blocking).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.inner.flush(timeout).is_ok()
+    }
+
+    /// Drops everything not yet delivered; its reports arrive as failures.
+    pub fn purge(&self) {
+        self.inner.purge(PurgeConfig::default().queue().inflight());
+    }
+}

@@ -1,0 +1,27 @@
+
+//! outbox-relay: streams transactional outbox rows from PostgreSQL logical
+//! replication (pgoutput) to Kafka and confirms the replication slot only after
+//! the broker has acknowledged every record up to that position.
+//!
+//! Layout:
+//! - [`lsn`]: the `Lsn` type.
+//! - [`pgoutput`]: pure decoder of pgoutput messages and the relation cache.
+//! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
+//! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
+//! - [`kafka`]: the producer and its delivery reports.
+//! - [`ack`]: which LSN may be confirmed.
+//! - [`setup`]: preflight checks, publication and slot management over plain SQL.
+//! - [`relay`]: the streaming loop tying the pieces together, reconnects and shutdown.
+//! - [`config`]: the TOML configuration.
+//! - [`cli`]: command-line parsing and exit codes.
+
+pub mod ack;
+pub mod cli;
+pub mod config;
+pub mod kafka;
+pub mod lsn;
+pub mod outbox;
+pub mod pgoutput;
+pub mod relay;
+pub mod replication;
+pub mod setup;

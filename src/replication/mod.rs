@@ -1,0 +1,197 @@
+//! The replication connection: a plain socket speaking the PostgreSQL wire
+//! protocol in `replication=database` mode.
+//!
+//! Responsible for connecting (TCP or Unix socket), authentication (trust,
+//! cleartext, MD5, SCRAM-SHA-256), simple queries on the replication
+//! connection, `START_REPLICATION ... LOGICAL`, CopyBoth framing, XLogData and
+//! keepalive parsing, and standby status updates. It does not decode pgoutput
+//! (see `pgoutput`) nor decide which LSN to confirm (see `ack`).
+
+mod frame;
+mod startup;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::lsn::Lsn;
+
+pub use frame::{parse_copy_data, CopyData, FrameReader};
+pub use startup::connect;
+
+/// A byte stream to the server: TCP or Unix socket (room for TLS later).
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
+pub type BoxedTransport = Box<dyn Transport>;
+
+/// An error on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    Connect { target: String, source: std::io::Error },
+    #[error("timed out after {0:?} connecting to PostgreSQL at {1}")]
+    ConnectTimeout(Duration, String),
+    #[error("replication connection failed while {context}: {source}")]
+    Io { context: &'static str, source: std::io::Error },
+    #[error("PostgreSQL closed the replication connection while {context}")]
+    Closed { context: &'static str },
+    #[error("{}", server_message(.severity, .code, .message, .detail, .hint))]
+    Server { severity: String, code: String, message: String, detail: Option<String>, hint: Option<String> },
+    #[error("authentication for user {user:?} failed: {message}")]
+    Auth { user: String, message: String },
+    #[error("replication protocol error: {0}")]
+    Protocol(String),
+}
+
+fn server_message(severity: &str, code: &str, message: &str, detail: &Option<String>, hint: &Option<String>) -> String {
+    let mut s = format!("PostgreSQL {} {code}: {message}", severity.to_lowercase());
+    if let Some(d) = detail {
+        s.push_str(&format!(" ({d})"));
+    }
+    if let Some(h) = hint {
+        s.push_str(&format!("; hint: {h}"));
+    }
+    s
+}
+
+impl ReplicationError {
+    /// The SQLSTATE of a server error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Another connection is streaming from the slot (SQLSTATE 55006).
+    pub fn is_slot_in_use(&self) -> bool {
+        self.sqlstate() == Some("55006")
+    }
+
+    /// Errors that will not go away by reconnecting: bad credentials, missing
+    /// privileges, a missing or invalid slot or publication.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ReplicationError::Auth { .. } => true,
+            ReplicationError::Server { code, .. } => {
+                // 28xxx auth, 42xxx (undefined object, privileges), 3D000 no database,
+                // 55000 object not in prerequisite state (e.g. invalidated slot).
+                code.starts_with("28") || code.starts_with("42") || code == "3D000" || code == "55000"
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One event on the replication stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// WAL data: one pgoutput message starting at `start`.
+    XLogData { start: Lsn, wal_end: Lsn, data: Bytes },
+    /// Primary keepalive: the server's WAL end; `reply` asks for a status update now.
+    Keepalive { wal_end: Lsn, reply: bool },
+}
+
+/// The read side of a streaming replication connection.
+pub struct StreamReader {
+    frames: FrameReader<ReadHalf<BoxedTransport>>,
+}
+
+/// The write side: standby status updates and the end of the stream.
+pub struct StatusWriter {
+    io: WriteHalf<BoxedTransport>,
+    buf: BytesMut,
+    last_sent: Lsn,
+}
+
+/// Splits an authenticated connection that has entered CopyBoth mode.
+pub(crate) fn streaming(frames: FrameReader<BoxedTransport>) -> (StreamReader, StatusWriter) {
+    let (buffered, io) = frames.into_parts();
+    let (r, w) = tokio::io::split(io);
+    let reader = StreamReader { frames: FrameReader::with_buffer(r, buffered) };
+    (reader, StatusWriter { io: w, buf: BytesMut::with_capacity(64), last_sent: Lsn::ZERO })
+}
+
+impl StreamReader {
+    /// Next event of the stream; `None` when the server ended the copy stream.
+    /// Cancel-safe: no data is lost if the future is dropped before completing.
+    pub async fn next(&mut self) -> Result<Option<StreamEvent>, ReplicationError> {
+        loop {
+            let (tag, body) = self.frames.next("streaming").await?;
+            match tag {
+                b'd' => return parse_copy_data(body).map(|c| Some(c.into_event())),
+                b'c' | b'C' | b'Z' => return Ok(None),
+                b'E' => return Err(frame::error_response(&body)),
+                b'N' => tracing::info!(notice = %frame::error_response(&body), "notice from PostgreSQL"),
+                other => {
+                    return Err(ReplicationError::Protocol(format!("unexpected message {:?} while streaming", other as char)))
+                }
+            }
+        }
+    }
+}
+
+impl CopyData {
+    fn into_event(self) -> StreamEvent {
+        match self {
+            CopyData::XLogData { start, wal_end, data } => StreamEvent::XLogData { start, wal_end, data },
+            CopyData::Keepalive { wal_end, reply } => StreamEvent::Keepalive { wal_end, reply },
+        }
+    }
+}
+
+/// Microseconds since 2000-01-01, PostgreSQL's clock.
+fn pg_now() -> i64 {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    unix - 946_684_800_000_000
+}
+
+impl StatusWriter {
+    /// The last position reported to the server.
+    pub fn last_sent(&self) -> Lsn {
+        self.last_sent
+    }
+
+    /// Sends a standby status update with `lsn` as written, flushed and applied
+    /// position. A position lower than one sent before is raised to it: the
+    /// server must never see the confirmed position go backwards.
+    pub async fn send_status(&mut self, lsn: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
+        let lsn = lsn.max(self.last_sent);
+        self.buf.clear();
+        self.buf.put_u8(b'd');
+        self.buf.put_i32(4 + 1 + 8 * 4 + 1);
+        self.buf.put_u8(b'r');
+        for _ in 0..3 {
+            self.buf.put_u64(lsn.0);
+        }
+        self.buf.put_i64(pg_now());
+        self.buf.put_u8(u8::from(reply_requested));
+        self.io.write_all(&self.buf).await.map_err(|source| ReplicationError::Io { context: "sending a status update", source })?;
+        self.io.flush().await.map_err(|source| ReplicationError::Io { context: "sending a status update", source })?;
+        self.last_sent = lsn;
+        Ok(())
+    }
+
+    /// Ends the copy stream (CopyDone) so the server closes it cleanly.
+    pub async fn copy_done(&mut self) -> Result<(), ReplicationError> {
+        self.buf.clear();
+        postgres_protocol::message::frontend::copy_done(&mut self.buf);
+        self.io.write_all(&self.buf).await.map_err(|source| ReplicationError::Io { context: "ending the stream", source })?;
+        self.io.flush().await.map_err(|source| ReplicationError::Io { context: "ending the stream", source })
+    }
+
+    /// Says goodbye (Terminate) and closes the socket.
+    pub async fn terminate(mut self) {
+        self.buf.clear();
+        postgres_protocol::message::frontend::terminate(&mut self.buf);
+        let _ = self.io.write_all(&self.buf).await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+/// Reads the next `u64` LSN of a buffer (helper for frame parsing).
+fn get_lsn(b: &mut Bytes) -> Lsn {
+    Lsn(b.get_u64())
+}

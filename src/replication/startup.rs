@@ -1,0 +1,233 @@
+//! Opening a replication connection: socket, startup message, authentication,
+//! simple queries and `START_REPLICATION`.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::config::Host;
+
+use super::frame::{error_response, FrameReader};
+use super::{streaming, BoxedTransport, ReplicationError, StatusWriter, StreamReader};
+use crate::config::{quote_ident, quote_literal};
+use crate::lsn::Lsn;
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An authenticated connection in `replication=database` mode, ready for commands.
+pub struct ReplicationConnection {
+    frames: FrameReader<BoxedTransport>,
+    user: String,
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> ReplicationError {
+    move |source| ReplicationError::Io { context, source }
+}
+
+async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, ReplicationError> {
+    let timeout = cfg.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let ports = cfg.get_ports();
+    let mut last = None;
+    for (i, host) in cfg.get_hosts().iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let (target, attempt) = match host {
+            Host::Tcp(h) => {
+                let target = format!("{h}:{port}");
+                let fut = TcpStream::connect(target.clone());
+                let res = tokio::time::timeout(timeout, fut).await.map(|r| {
+                    r.map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Box::new(s) as BoxedTransport
+                    })
+                });
+                (target, res)
+            }
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let target = path.display().to_string();
+                let res = tokio::time::timeout(timeout, UnixStream::connect(path)).await.map(|r| r.map(|s| Box::new(s) as BoxedTransport));
+                (target, res)
+            }
+        };
+        match attempt {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(source)) => last = Some(ReplicationError::Connect { target, source }),
+            Err(_) => last = Some(ReplicationError::ConnectTimeout(timeout, target)),
+        }
+    }
+    Err(last.unwrap_or_else(|| ReplicationError::Protocol("the connection string names no host".into())))
+}
+
+/// Connects and authenticates a replication connection.
+pub async fn connect(cfg: &tokio_postgres::Config) -> Result<ReplicationConnection, ReplicationError> {
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
+    let mut io = open_socket(cfg).await?;
+    let mut buf = BytesMut::new();
+    let mut params = vec![("user", user.as_str()), ("database", dbname.as_str()), ("replication", "database")];
+    if let Some(app) = cfg.get_application_name() {
+        params.push(("application_name", app));
+    }
+    frontend::startup_message(params, &mut buf).map_err(io_err("sending the startup message"))?;
+    io.write_all(&buf).await.map_err(io_err("sending the startup message"))?;
+    let mut conn = ReplicationConnection { frames: FrameReader::new(io), user };
+    conn.authenticate(cfg.get_password()).await?;
+    Ok(conn)
+}
+
+impl ReplicationConnection {
+    async fn send(&mut self, buf: &BytesMut, context: &'static str) -> Result<(), ReplicationError> {
+        self.frames.get_mut().write_all(buf).await.map_err(io_err(context))
+    }
+
+    fn auth_error(&self, message: impl Into<String>) -> ReplicationError {
+        ReplicationError::Auth { user: self.user.clone(), message: message.into() }
+    }
+
+    async fn authenticate(&mut self, password: Option<&[u8]>) -> Result<(), ReplicationError> {
+        let need_password = |this: &Self| {
+            password.ok_or_else(|| {
+                this.auth_error("the server asks for a password and the connection string has none; add it to postgres.url or OUTBOX_RELAY_POSTGRES_URL")
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let (tag, mut body) = self.frames.next("authenticating").await?;
+            match tag {
+                b'R' => {
+                    if body.len() < 4 {
+                        return Err(ReplicationError::Protocol("truncated authentication request".into()));
+                    }
+                    let mut buf = BytesMut::new();
+                    match body.get_i32() {
+                        0 => continue,
+                        3 => {
+                            frontend::password_message(need_password(self)?, &mut buf).map_err(io_err("sending the password"))?;
+                        }
+                        5 => {
+                            if body.len() < 4 {
+                                return Err(ReplicationError::Protocol("truncated MD5 salt".into()));
+                            }
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hash = md5_hash(self.user.as_bytes(), need_password(self)?, salt);
+                            frontend::password_message(hash.as_bytes(), &mut buf).map_err(io_err("sending the password"))?;
+                        }
+                        10 => {
+                            let offers_scram = body.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
+                            if !offers_scram {
+                                return Err(self.auth_error("the server offers no SASL mechanism this relay supports (SCRAM-SHA-256)"));
+                            }
+                            let s = sasl::ScramSha256::new(need_password(self)?, sasl::ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)
+                                .map_err(io_err("sending the SASL response"))?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL continue without SASL start".into()))?;
+                            s.update(&body).map_err(|e| self.auth_error(format!("SCRAM exchange failed: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut buf).map_err(io_err("sending the SASL response"))?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL final without SASL start".into()))?;
+                            s.finish(&body).map_err(|e| self.auth_error(format!("server SCRAM signature is invalid: {e}")))?;
+                            continue;
+                        }
+                        other => {
+                            return Err(self.auth_error(format!(
+                                "the server asks for authentication method {other}, which this relay does not support (use scram-sha-256, md5, password or trust)"
+                            )))
+                        }
+                    }
+                    self.send(&buf, "authenticating").await?;
+                }
+                b'E' => {
+                    let err = error_response(&body);
+                    return Err(match err.sqlstate() {
+                        Some(c) if c.starts_with("28") => self.auth_error(err.to_string()),
+                        _ => err,
+                    });
+                }
+                b'S' | b'K' | b'N' => {}
+                b'Z' => return Ok(()),
+                other => return Err(ReplicationError::Protocol(format!("unexpected message {:?} during startup", other as char))),
+            }
+        }
+    }
+
+    /// Runs a replication command or query; returns the rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf).map_err(io_err("sending a query"))?;
+        self.send(&buf, "sending a query").await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = self.frames.next("reading a query result").await?;
+            match tag {
+                b'D' => rows.push(parse_data_row(&body)?),
+                b'E' => error = Some(error_response(&body)),
+                b'Z' => return error.map_or(Ok(rows), Err),
+                _ => {}
+            }
+        }
+    }
+
+    /// `START_REPLICATION SLOT .. LOGICAL ..` with pgoutput protocol version 1.
+    /// Returns the two halves of the stream once the server is in CopyBoth mode.
+    pub async fn start_logical(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(StreamReader, StatusWriter), ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication)),
+        );
+        let mut buf = BytesMut::new();
+        frontend::query(&sql, &mut buf).map_err(io_err("starting replication"))?;
+        self.send(&buf, "starting replication").await?;
+        loop {
+            let (tag, body) = self.frames.next("starting replication").await?;
+            match tag {
+                b'W' => return Ok(streaming(self.frames)),
+                b'E' => return Err(error_response(&body)),
+                b'N' => tracing::info!(notice = %error_response(&body), "notice from PostgreSQL"),
+                other => {
+                    return Err(ReplicationError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char)))
+                }
+            }
+        }
+    }
+}
+
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ReplicationError> {
+    let bad = || ReplicationError::Protocol("malformed DataRow".into());
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(bad());
+    }
+    let n = b.get_i16();
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(bad());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if b.len() < len {
+            return Err(bad());
+        }
+        out.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+        b.advance(len);
+    }
+    Ok(out)
+}
