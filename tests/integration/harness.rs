@@ -1,0 +1,373 @@
+//! Test harness: a throwaway PostgreSQL 15 cluster and a tansu Kafka-protocol
+//! broker on free ports, started once per test binary and shared by its tests.
+//! Each test uses its own table, slot, publication and topic names.
+//!
+//! Both servers run under a small shell watchdog that stops them (and removes
+//! the data directory) when the test process exits, however it exits: the
+//! watchdog reads its stdin, a pipe whose write end only the test process holds.
+
+
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use outbox_relay::config::Config;
+use outbox_relay::lsn::Lsn;
+use outbox_relay::relay::{self, RelayError, Stats};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use tokio::sync::watch;
+
+pub const PASSWORD: &str = "s3cret-pw";
+
+pub struct Servers {
+    pub pg_port: u16,
+    pub pg_socket_dir: PathBuf,
+    pub brokers: String,
+    watchdogs: Mutex<Vec<(Child, ChildStdin)>>,
+}
+
+static SERVERS: OnceLock<Servers> = OnceLock::new();
+
+pub fn servers() -> &'static Servers {
+    SERVERS.get_or_init(start_servers)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("postgres").exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().expect("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: run deploy/dev/install-deps.sh")
+}
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("OUTBOX_RELAY_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
+            .join("outbox-relay")
+    });
+    let p = cache.join("tansu-0.6.0/bin/tansu");
+    assert!(p.exists(), "tansu not found at {}: run deploy/dev/install-deps.sh (or set TANSU_BIN)", p.display());
+    p
+}
+
+/// uid/gid of the `postgres` user when running as root (PostgreSQL refuses root).
+fn postgres_ids() -> Option<(u32, u32)> {
+    let me = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, "postgres"]).output().expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("running as root needs a 'postgres' user")
+    };
+    Some((id("-u"), id("-g")))
+}
+
+fn as_postgres(cmd: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = ids {
+        cmd.uid(uid).gid(gid).env("HOME", "/tmp");
+    }
+    cmd
+}
+
+/// Starts `program args..` under a watchdog shell that stops it with `signal`
+/// and runs `cleanup` once our stdin closes.
+fn supervise(program: &Path, args: &[String], signal: &str, cleanup: &str, ids: Option<(u32, u32)>, log: &Path) -> (Child, ChildStdin) {
+    let script = format!(r#""$@" & pid=$!; read -r _; kill -{signal} $pid 2>/dev/null; wait $pid; {cleanup}"#);
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(script).arg("watchdog").arg(program).args(args);
+    let log = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::piped()).stdout(log.try_clone().unwrap()).stderr(log);
+    as_postgres(&mut cmd, ids);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
+}
+
+fn wait_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            panic!("{what} did not start listening on {port}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_servers() -> Servers {
+    let ids = postgres_ids();
+    let dir = tempfile::Builder::new().prefix("outbox-relay-test-").tempdir().unwrap().keep();
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    }
+    let bin = pg_bin();
+    let data = dir.join("data");
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, PASSWORD).unwrap();
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).unwrap();
+    }
+    let out = as_postgres(&mut Command::new(bin.join("initdb")), ids)
+        .args(["-D", data.to_str().unwrap(), "-U", "postgres", "-E", "UTF8", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output()
+        .expect("initdb");
+    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    // First match wins: per-user methods for the authentication tests, SCRAM for the rest.
+    let hba = "local all all trust\n\
+               host all trust_user 127.0.0.1/32 trust\n\
+               host all md5_user 127.0.0.1/32 md5\n\
+               host all plain_user 127.0.0.1/32 password\n\
+               host all all 127.0.0.1/32 scram-sha-256\n";
+    std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+
+    let pg_port = free_port();
+    let pg_log = dir.join("postgres.log");
+    let args: Vec<String> = [
+        "-D", data.to_str().unwrap(), "-p", &pg_port.to_string(), "-k", dir.to_str().unwrap(),
+        "-c", "listen_addresses=127.0.0.1", "-c", "wal_level=logical", "-c", "max_wal_senders=64",
+        "-c", "max_replication_slots=64", "-c", "wal_sender_timeout=10s", "-c", "fsync=off",
+        "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+        "-c", "logical_decoding_work_mem=64kB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let pg = supervise(&bin.join("postgres"), &args, "INT", &format!("rm -rf '{}'", dir.display()), ids, &pg_log);
+    wait_port(pg_port, "PostgreSQL", &pg_log);
+
+    let kafka_port = free_port();
+    let url = format!("tcp://127.0.0.1:{kafka_port}");
+    let tansu_log = std::env::temp_dir().join(format!("outbox-relay-tansu-{kafka_port}.log"));
+    let tansu = supervise(
+        &tansu_bin(),
+        &["broker".into(), "--listener-url".into(), url.clone(), "--advertised-listener-url".into(), url, "--storage-engine".into(), "memory://tansu/".into()],
+        "TERM",
+        &format!("rm -f '{}'", tansu_log.display()),
+        None,
+        &tansu_log,
+    );
+    wait_port(kafka_port, "tansu", &tansu_log);
+
+    let s = Servers { pg_port, pg_socket_dir: dir, brokers: format!("127.0.0.1:{kafka_port}"), watchdogs: Mutex::new(vec![pg, tansu]) };
+    // Wait until PostgreSQL accepts queries, not just connections.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = Command::new(bin.join("pg_isready")).args(["-h", "127.0.0.1", "-p", &pg_port.to_string()]).output().map(|o| o.status.success());
+        if matches!(ok, Ok(true)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "PostgreSQL not ready: {}", std::fs::read_to_string(&pg_log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s
+}
+
+impl Servers {
+    /// Superuser connection string (SCRAM over TCP).
+    pub fn url(&self) -> String {
+        self.url_for("postgres", PASSWORD)
+    }
+
+    pub fn url_for(&self, user: &str, password: &str) -> String {
+        format!("postgresql://{user}:{password}@127.0.0.1:{}/postgres", self.pg_port)
+    }
+
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.expect("connect to test PostgreSQL");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Stops the broker (for outage tests that restart it themselves is not supported).
+    pub fn kill_all(&self) {
+        for (_, stdin) in self.watchdogs.lock().unwrap().iter_mut() {
+            let _ = stdin.write_all(b"\n");
+        }
+    }
+}
+
+/// Names and config for one test: its own table, slot, publication and topics.
+pub struct TestCase {
+    pub name: String,
+    pub table: String,
+}
+
+impl TestCase {
+    pub async fn new(name: &str) -> TestCase {
+        let s = servers();
+        let c = s.sql().await;
+        let table = format!("outbox_{name}");
+        let ddl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/001_outbox.sql"))
+            .unwrap()
+            .replace("public.outbox", &format!("public.{table}"));
+        c.batch_execute(&ddl).await.unwrap();
+        TestCase { name: name.to_string(), table }
+    }
+
+    /// Config text for this test; `extra` is appended (more keys or sections).
+    pub fn config_text(&self, brokers: &str, extra_kafka: &str) -> String {
+        let s = servers();
+        format!(
+            "[postgres]\nurl = \"{url}\"\nslot = \"{n}\"\npublication = \"{n}\"\nstatus_interval_ms = 200\n\n\
+             [outbox]\ntable = \"public.{t}\"\ntopic = \"{n}.{{aggregate_type}}\"\n\n\
+             [kafka]\nbrokers = \"{brokers}\"\ncreate_topics = true\ntopic_partitions = 3\n{extra_kafka}\n\
+             [relay]\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 1000\nshutdown_timeout_ms = 5000\n",
+            url = s.url(),
+            n = self.name,
+            t = self.table,
+        )
+    }
+
+    pub fn config(&self) -> Config {
+        self.config_with(&servers().brokers, "")
+    }
+
+    pub fn config_with(&self, brokers: &str, extra_kafka: &str) -> Config {
+        Config::from_toml(&self.config_text(brokers, extra_kafka), Path::new("test.toml"), |_| None).unwrap()
+    }
+
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}", self.name)
+    }
+
+    /// The slot's confirmed_flush_lsn.
+    pub async fn confirmed(&self) -> Lsn {
+        let c = servers().sql().await;
+        let row = c
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&self.name])
+            .await
+            .unwrap();
+        row.and_then(|r| r.get::<_, Option<String>>(0)).map(|s| s.parse().unwrap()).unwrap_or(Lsn::ZERO)
+    }
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub stats: Arc<Stats>,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+pub fn spawn_relay(cfg: Config) -> RunningRelay {
+    let stats = Arc::new(Stats::default());
+    let (stop, rx) = watch::channel(false);
+    let handle = tokio::spawn(relay::run(cfg, stats.clone(), rx));
+    RunningRelay { stats, stop, handle }
+}
+
+impl RunningRelay {
+    pub async fn stop(self) -> Result<(), RelayError> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.handle).await.expect("relay did not stop in 30 s").unwrap()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    pub async fn join(self) -> Result<(), RelayError> {
+        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("relay did not stop").unwrap()
+    }
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A record read back from the broker.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub value: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Consumed {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads every record of `topics` (all partitions, from the beginning) until
+/// `expected` records were read and nothing more arrives for a moment, or 60 s pass.
+pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-relay-tests")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        let parts = md.topics()[0].partitions().len();
+        assert!(parts > 0, "topic {t} has no partitions");
+        for p in 0..parts as i32 {
+            tpl.add_partition_offset(t, p, rdkafka::Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+                let headers = m
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_string(), text(h.value))).collect())
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: text(m.key()),
+                    value: text(m.payload()),
+                    headers,
+                });
+                quiet_since = Instant::now();
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {
+                if out.len() >= expected && quiet_since.elapsed() > Duration::from_millis(700) {
+                    break;
+                }
+            }
+        }
+    }
+    out.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
+    out
+}

@@ -1,0 +1,12 @@
+//! Integration tests against a real PostgreSQL and a real tansu broker (started
+//! by `harness`), plus librdkafka's MockCluster for broker fault injection.
+//! One test binary so that all tests share one PostgreSQL and one broker.
+
+#![allow(dead_code)]
+
+mod harness;
+
+mod auth;
+mod delivery;
+mod mock_broker;
+mod shutdown;
