@@ -29,7 +29,13 @@ pub struct AckTracker {
 impl AckTracker {
     /// Starts from `confirmed`, the slot's position (or zero when unknown).
     pub fn new(confirmed: Lsn) -> Self {
-        AckTracker { base: 0, acked: VecDeque::new(), commits: VecDeque::new(), in_transaction: false, confirmed }
+        AckTracker {
+            base: 0,
+            acked: VecDeque::new(),
+            commits: VecDeque::new(),
+            in_transaction: false,
+            confirmed,
+        }
     }
 
     /// The highest LSN it is safe to confirm. Never decreases.
@@ -68,7 +74,9 @@ impl AckTracker {
 
     /// A delivery report said `seq` is stored by the broker.
     pub fn ack(&mut self, seq: Seq) {
-        let Some(offset) = seq.checked_sub(self.base) else { return };
+        let Some(offset) = seq.checked_sub(self.base) else {
+            return;
+        };
         if let Some(flag) = self.acked.get_mut(offset as usize) {
             *flag = true;
         }

@@ -55,8 +55,11 @@ pub enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -76,7 +79,11 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging(cli.log_format);
@@ -101,7 +108,10 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("outbox-relay: cannot start the async runtime: {e}");
@@ -136,7 +146,7 @@ async fn run(cfg: Config) -> ExitCode {
 fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
-        RelayError::Replication(r) if matches!(r, crate::replication::ReplicationError::Auth { .. }) => 2,
+        RelayError::Replication(crate::replication::ReplicationError::Auth { .. }) => 2,
         _ => 1,
     }
 }

@@ -180,7 +180,12 @@ fn default_backoff_max_ms() -> u64 {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { table: default_table(), topic: default_topic(), key: default_key(), columns: Columns::default() }
+        OutboxConfig {
+            table: default_table(),
+            topic: default_topic(),
+            key: default_key(),
+            columns: Columns::default(),
+        }
     }
 }
 
@@ -223,7 +228,10 @@ impl Default for RelayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path:?}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path:?}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key} is missing: {hint}")]
@@ -235,7 +243,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// A table name split into schema and table.
@@ -286,14 +297,19 @@ pub fn parse_topic_template(t: &str) -> Result<Vec<TemplatePart>, String> {
                 break;
             }
             Some(i) if rest.as_bytes()[i] == b'}' => {
-                return Err(format!("unmatched '}}' at byte {} of {t:?}", t.len() - rest.len() + i));
+                return Err(format!(
+                    "unmatched '}}' at byte {} of {t:?}",
+                    t.len() - rest.len() + i
+                ));
             }
             Some(i) => {
                 if i > 0 {
                     parts.push(TemplatePart::Literal(rest[..i].to_string()));
                 }
                 let after = &rest[i + 1..];
-                let end = after.find('}').ok_or_else(|| format!("unclosed '{{' in {t:?}"))?;
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed '{{' in {t:?}"))?;
                 let col = &after[..end];
                 if col.is_empty() || col.contains('{') {
                     return Err(format!("empty or nested column reference in {t:?}"));
@@ -313,8 +329,14 @@ fn validate_identifier(key: &'static str, v: &str) -> Result<(), ConfigError> {
     if v.is_empty() || v.len() > 63 {
         return Err(invalid(key, format!("{v:?} must be 1 to 63 characters")));
     }
-    if !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        return Err(invalid(key, format!("{v:?} may contain only lowercase letters, digits and '_'")));
+    if !v
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(invalid(
+            key,
+            format!("{v:?} may contain only lowercase letters, digits and '_'"),
+        ));
     }
     Ok(())
 }
@@ -323,25 +345,46 @@ fn validate_identifier(key: &'static str, v: &str) -> Result<(), ConfigError> {
 const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "set kafka.brokers instead"),
     ("metadata.broker.list", "set kafka.brokers instead"),
-    ("enable.idempotence", "the relay always enables it so retries cannot reorder or duplicate records"),
+    (
+        "enable.idempotence",
+        "the relay always enables it so retries cannot reorder or duplicate records",
+    ),
     ("acks", "idempotence requires acks=all; the relay sets it"),
-    ("request.required.acks", "idempotence requires acks=all; the relay sets it"),
-    ("transactional.id", "the relay does not use Kafka transactions"),
-    ("delivery.report.only.error", "the relay needs every delivery report to confirm the LSN"),
+    (
+        "request.required.acks",
+        "idempotence requires acks=all; the relay sets it",
+    ),
+    (
+        "transactional.id",
+        "the relay does not use Kafka transactions",
+    ),
+    (
+        "delivery.report.only.error",
+        "the relay needs every delivery report to confirm the LSN",
+    ),
     ("dr_msg_cb", "the relay installs its own delivery callback"),
 ];
 
 impl Config {
     /// Reads, applies environment overrides and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Config::from_toml(&text, path, |k| std::env::var(k).ok())
     }
 
     /// Parses and validates config text; `env` looks up environment overrides.
-    pub fn from_toml(text: &str, path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string().trim_end().replace('\n', " ") })?;
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
         if let Some(url) = env(ENV_POSTGRES_URL).filter(|v| !v.is_empty()) {
             cfg.postgres.url = Some(url);
         }
@@ -361,11 +404,15 @@ impl Config {
         if !(100..=60_000).contains(&self.postgres.status_interval_ms) {
             return Err(invalid(
                 "postgres.status_interval_ms",
-                format!("{} is outside 100..=60000; keep it well below wal_sender_timeout", self.postgres.status_interval_ms),
+                format!(
+                    "{} is outside 100..=60000; keep it well below wal_sender_timeout",
+                    self.postgres.status_interval_ms
+                ),
             ));
         }
         self.table()?;
-        let parts = parse_topic_template(&self.outbox.topic).map_err(|m| invalid("outbox.topic", m))?;
+        let parts =
+            parse_topic_template(&self.outbox.topic).map_err(|m| invalid("outbox.topic", m))?;
         if !parts.iter().any(|p| matches!(p, TemplatePart::Column(_))) {
             tracing::debug!(topic = %self.outbox.topic, "topic template has no column reference: every event goes to one topic");
         }
@@ -383,21 +430,31 @@ impl Config {
             }
         }
         if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", format!("must list at least one host:port (or set {ENV_KAFKA_BROKERS})")));
+            return Err(invalid(
+                "kafka.brokers",
+                format!("must list at least one host:port (or set {ENV_KAFKA_BROKERS})"),
+            ));
         }
         if self.kafka.topic_partitions < 1 {
             return Err(invalid("kafka.topic_partitions", "must be at least 1"));
         }
         if self.kafka.topic_replication_factor < 1 {
-            return Err(invalid("kafka.topic_replication_factor", "must be at least 1"));
+            return Err(invalid(
+                "kafka.topic_replication_factor",
+                "must be at least 1",
+            ));
         }
         for (k, v) in &self.kafka.properties {
             if let Some((_, why)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == k) {
-                return Err(ConfigError::Conflict { message: format!("remove kafka.properties.{k:?}: {why}") });
+                return Err(ConfigError::Conflict {
+                    message: format!("remove kafka.properties.{k:?}: {why}"),
+                });
             }
             property_value(v).map_err(|m| invalid("kafka.properties", format!("{k:?}: {m}")))?;
         }
-        if self.relay.reconnect_backoff_min_ms == 0 || self.relay.reconnect_backoff_min_ms > self.relay.reconnect_backoff_max_ms {
+        if self.relay.reconnect_backoff_min_ms == 0
+            || self.relay.reconnect_backoff_min_ms > self.relay.reconnect_backoff_max_ms
+        {
             return Err(invalid(
                 "relay.reconnect_backoff_min_ms",
                 "must be at least 1 and not above relay.reconnect_backoff_max_ms",
@@ -408,10 +465,14 @@ impl Config {
 
     /// The parsed connection string. Errors never contain the string itself (it may hold a password).
     pub fn postgres_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let url = self.postgres.url.as_deref().ok_or_else(|| ConfigError::Missing {
-            key: "postgres.url",
-            hint: format!("set it in the config file or in {ENV_POSTGRES_URL}"),
-        })?;
+        let url = self
+            .postgres
+            .url
+            .as_deref()
+            .ok_or_else(|| ConfigError::Missing {
+                key: "postgres.url",
+                hint: format!("set it in the config file or in {ENV_POSTGRES_URL}"),
+            })?;
         let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
             invalid(
                 "postgres.url",
@@ -422,7 +483,9 @@ impl Config {
             cfg.host("localhost");
         }
         if cfg.get_user().is_none() {
-            let user = std::env::var("PGUSER").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "postgres".into());
+            let user = std::env::var("PGUSER")
+                .or_else(|_| std::env::var("USER"))
+                .unwrap_or_else(|_| "postgres".into());
             cfg.user(&user);
         }
         if cfg.get_dbname().is_none() {
@@ -446,9 +509,15 @@ impl Config {
         let t = &self.outbox.table;
         let (schema, name) = t.split_once('.').unwrap_or(("public", t));
         if schema.is_empty() || name.is_empty() || name.contains('.') {
-            return Err(invalid("outbox.table", format!("{t:?} must be \"table\" or \"schema.table\"")));
+            return Err(invalid(
+                "outbox.table",
+                format!("{t:?} must be \"table\" or \"schema.table\""),
+            ));
         }
-        Ok(TableName { schema: schema.into(), name: name.into() })
+        Ok(TableName {
+            schema: schema.into(),
+            name: name.into(),
+        })
     }
 
     pub fn topic_template(&self) -> Vec<TemplatePart> {
@@ -463,7 +532,10 @@ pub fn property_value(v: &toml::Value) -> Result<String, String> {
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Boolean(b) => Ok(b.to_string()),
-        other => Err(format!("must be a string, number or boolean, not {}", other.type_str())),
+        other => Err(format!(
+            "must be a string, number or boolean, not {}",
+            other.type_str()
+        )),
     }
 }
 
@@ -491,7 +563,13 @@ mod tests {
         let pg = c.postgres_config().unwrap();
         assert_eq!(pg.get_user(), Some("relay"));
         assert_eq!(pg.get_dbname(), Some("app"));
-        assert_eq!(c.table().unwrap(), TableName { schema: "public".into(), name: "outbox".into() });
+        assert_eq!(
+            c.table().unwrap(),
+            TableName {
+                schema: "public".into(),
+                name: "outbox".into()
+            }
+        );
     }
 
     #[test]
@@ -527,7 +605,10 @@ mod tests {
         ];
         for (text, expected) in cases {
             let err = parse(text).expect_err(text).to_string();
-            assert!(err.contains(expected), "{text:?}: {err:?} lacks {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{text:?}: {err:?} lacks {expected:?}"
+            );
             assert!(!err.contains("s3cret"), "password leaked: {err}");
         }
     }
@@ -537,13 +618,19 @@ mod tests {
         use TemplatePart::*;
         assert_eq!(
             parse_topic_template("outbox.event.{aggregate_type}").unwrap(),
-            vec![Literal("outbox.event.".into()), Column("aggregate_type".into())]
+            vec![
+                Literal("outbox.event.".into()),
+                Column("aggregate_type".into())
+            ]
         );
         assert_eq!(
             parse_topic_template("{a}-{b}").unwrap(),
             vec![Column("a".into()), Literal("-".into()), Column("b".into())]
         );
-        assert_eq!(parse_topic_template("fixed").unwrap(), vec![Literal("fixed".into())]);
+        assert_eq!(
+            parse_topic_template("fixed").unwrap(),
+            vec![Literal("fixed".into())]
+        );
         assert!(parse_topic_template("").is_err());
         assert!(parse_topic_template("{}").is_err());
     }
@@ -554,10 +641,19 @@ mod tests {
             "[postgres]\nurl = \"postgresql://a@b/c\"\n[kafka.properties]\n\"linger.ms\" = 5\n\"compression.type\" = \"lz4\"\n\"socket.nagle.disable\" = true\n",
         )
         .unwrap();
-        let rendered: Vec<_> = c.kafka.properties.iter().map(|(k, v)| (k.as_str(), property_value(v).unwrap())).collect();
+        let rendered: Vec<_> = c
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), property_value(v).unwrap()))
+            .collect();
         assert_eq!(
             rendered,
-            [("compression.type", "lz4".to_string()), ("linger.ms", "5".to_string()), ("socket.nagle.disable", "true".to_string())]
+            [
+                ("compression.type", "lz4".to_string()),
+                ("linger.ms", "5".to_string()),
+                ("socket.nagle.disable", "true".to_string())
+            ]
         );
     }
 }

@@ -14,7 +14,9 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use tokio::sync::mpsc;
 
 use crate::ack::Seq;
@@ -49,9 +51,15 @@ fn hint(e: &KafkaError) -> &'static str {
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
             "; create the topic or set kafka.create_topics = true"
         }
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => "; raise the broker's message.max.bytes or shrink the payload",
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "; grant the relay's principal WRITE on the topic",
-        Some(RDKafkaErrorCode::MessageTimedOut) => "; the broker was unreachable for message.timeout.ms",
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            "; raise the broker's message.max.bytes or shrink the payload"
+        }
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+            "; grant the relay's principal WRITE on the topic"
+        }
+        Some(RDKafkaErrorCode::MessageTimedOut) => {
+            "; the broker was unreachable for message.timeout.ms"
+        }
         _ => "",
     }
 }
@@ -82,14 +90,21 @@ pub struct Context {
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{log_message}")
+            }
         }
     }
 
@@ -104,10 +119,16 @@ impl ProducerContext for Context {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let result = match result {
             Ok(_) => Ok(()),
-            Err((error, msg)) => Err(DeliveryError { topic: msg.topic().to_string(), error: error.clone() }),
+            Err((error, msg)) => Err(DeliveryError {
+                topic: msg.topic().to_string(),
+                error: error.clone(),
+            }),
         };
         // The receiver is gone only when the session ended; its records are re-sent then.
-        let _ = self.reports.send(DeliveryReport { seq: seq as Seq, result });
+        let _ = self.reports.send(DeliveryReport {
+            seq: seq as Seq,
+            result,
+        });
     }
 }
 
@@ -137,32 +158,62 @@ struct NewTopicSettings {
 }
 
 impl Producer {
-    pub fn new(cfg: &KafkaConfig) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
+    pub fn new(
+        cfg: &KafkaConfig,
+    ) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut cc = client_config(cfg);
         cc.set("enable.idempotence", "true").set("acks", "all");
-        let inner: ThreadedProducer<Context> =
-            cc.create_with_context(Context { reports: tx }).map_err(KafkaSetupError::Config)?;
+        let inner: ThreadedProducer<Context> = cc
+            .create_with_context(Context { reports: tx })
+            .map_err(KafkaSetupError::Config)?;
         let admin = if cfg.create_topics {
-            let admin: AdminClient<DefaultClientContext> = client_config(cfg).create().map_err(KafkaSetupError::Config)?;
-            Some((admin, NewTopicSettings { partitions: cfg.topic_partitions, replication: cfg.topic_replication_factor }))
+            let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+                .create()
+                .map_err(KafkaSetupError::Config)?;
+            Some((
+                admin,
+                NewTopicSettings {
+                    partitions: cfg.topic_partitions,
+                    replication: cfg.topic_replication_factor,
+                },
+            ))
         } else {
             None
         };
-        Ok((Producer { inner, admin, known_topics: HashSet::new() }, rx))
+        Ok((
+            Producer {
+                inner,
+                admin,
+                known_topics: HashSet::new(),
+            },
+            rx,
+        ))
     }
 
     /// With `kafka.create_topics`, creates `topic` the first time it is seen
     /// (an existing topic is fine). Without it, does nothing.
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), KafkaSetupError> {
-        let Some((admin, settings)) = &self.admin else { return Ok(()) };
+        let Some((admin, settings)) = &self.admin else {
+            return Ok(());
+        };
         if self.known_topics.contains(topic) {
             return Ok(());
         }
-        let new = NewTopic::new(topic, settings.partitions, TopicReplication::Fixed(settings.replication));
+        let new = NewTopic::new(
+            topic,
+            settings.partitions,
+            TopicReplication::Fixed(settings.replication),
+        );
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let err = |error: String| KafkaSetupError::CreateTopic { topic: topic.to_string(), error };
-        let results = admin.create_topics([&new], &opts).await.map_err(|e| err(e.to_string()))?;
+        let err = |error: String| KafkaSetupError::CreateTopic {
+            topic: topic.to_string(),
+            error,
+        };
+        let results = admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         for r in results {
             match r {
                 Ok(_) => tracing::info!(topic, "created topic"),
@@ -178,7 +229,10 @@ impl Producer {
     pub fn send(&self, seq: Seq, record: &Record) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in &record.headers {
-            headers = headers.insert(Header { key: k, value: Some(&v[..]) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(&v[..]),
+            });
         }
         let rec = BaseRecord::with_opaque_to(&record.topic, seq as usize)
             .key(&record.key[..])
@@ -186,8 +240,13 @@ impl Producer {
             .headers(headers);
         match self.inner.send(rec) {
             Ok(()) => Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(SendError::QueueFull),
-            Err((error, _)) => Err(SendError::Rejected { topic: record.topic.clone(), error }),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull)
+            }
+            Err((error, _)) => Err(SendError::Rejected {
+                topic: record.topic.clone(),
+                error,
+            }),
         }
     }
 

@@ -1,4 +1,3 @@
-
 //! outbox-relay: streams transactional outbox rows from PostgreSQL logical
 //! replication (pgoutput) to Kafka and confirms the replication slot only after
 //! the broker has acknowledged every record up to that position.

@@ -26,7 +26,9 @@ impl Lsn {
 
 /// Why a string is not an LSN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid LSN {input:?}: expected two hexadecimal numbers separated by '/', like \"0/16B3748\"")]
+#[error(
+    "invalid LSN {input:?}: expected two hexadecimal numbers separated by '/', like \"0/16B3748\""
+)]
 pub struct ParseLsnError {
     pub input: String,
 }
@@ -35,9 +37,12 @@ impl FromStr for Lsn {
     type Err = ParseLsnError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseLsnError { input: s.to_string() };
+        let err = || ParseLsnError {
+            input: s.to_string(),
+        };
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
-        let valid = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let valid =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !valid(hi) || !valid(lo) {
             return Err(err());
         }
@@ -81,10 +86,23 @@ mod tests {
 
     #[test]
     fn rejects_malformed_input() {
-        for bad in ["", "0", "/0", "0/", "g/0", "0/123456789", "1/2/3", "-1/0", "0x1/0"] {
+        for bad in [
+            "",
+            "0",
+            "/0",
+            "0/",
+            "g/0",
+            "0/123456789",
+            "1/2/3",
+            "-1/0",
+            "0x1/0",
+        ] {
             let err = bad.parse::<Lsn>().unwrap_err();
             assert_eq!(err.input, bad);
-            assert!(err.to_string().contains("expected two hexadecimal"), "{err}");
+            assert!(
+                err.to_string().contains("expected two hexadecimal"),
+                "{err}"
+            );
         }
     }
 

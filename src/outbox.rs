@@ -28,17 +28,50 @@ pub struct Record {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MappingError {
     #[error("column {column:?} not found in table \"{table}\" (columns: {available}); set {setting} in the config")]
-    MissingColumn { table: String, column: String, available: String, setting: String },
+    MissingColumn {
+        table: String,
+        column: String,
+        available: String,
+        setting: String,
+    },
     #[error("row of \"{table}\" at LSN {lsn} (id {id}) has NULL in column {column:?}, which routes the event; make the column NOT NULL")]
-    NullColumn { table: String, column: String, lsn: Lsn, id: String },
+    NullColumn {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        id: String,
+    },
     #[error("row of \"{table}\" at LSN {lsn} (id {id}) has an unchanged-TOAST value in column {column:?}, which an insert never has")]
-    UnexpectedToast { table: String, column: String, lsn: Lsn, id: String },
+    UnexpectedToast {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        id: String,
+    },
     #[error("row of \"{table}\" at LSN {lsn} (id {id}) has {got} columns but the relation has {expected}")]
-    ColumnCount { table: String, lsn: Lsn, id: String, got: usize, expected: usize },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}): column {column:?} is not valid bytea hex text")]
-    BadBytea { table: String, column: String, lsn: Lsn, id: String },
+    ColumnCount {
+        table: String,
+        lsn: Lsn,
+        id: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error(
+        "row of \"{table}\" at LSN {lsn} (id {id}): column {column:?} is not valid bytea hex text"
+    )]
+    BadBytea {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        id: String,
+    },
     #[error("row of \"{table}\" at LSN {lsn} (id {id}) routes to topic {topic:?}, which is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -); fix the row or outbox.topic")]
-    BadTopic { table: String, topic: String, lsn: Lsn, id: String },
+    BadTopic {
+        table: String,
+        topic: String,
+        lsn: Lsn,
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -88,12 +121,18 @@ impl OutboxTable {
     pub fn mapping(&self, rel: &Relation) -> Result<Mapping, MappingError> {
         let table = rel.qualified_name();
         let find = |column: &str, setting: &str| {
-            rel.column_index(column).ok_or_else(|| MappingError::MissingColumn {
-                table: table.clone(),
-                column: column.to_string(),
-                available: rel.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-                setting: setting.to_string(),
-            })
+            rel.column_index(column)
+                .ok_or_else(|| MappingError::MissingColumn {
+                    table: table.clone(),
+                    column: column.to_string(),
+                    available: rel
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    setting: setting.to_string(),
+                })
         };
         let c = &self.columns;
         find(&c.aggregate_type, "outbox.columns.aggregate_type")?;
@@ -112,7 +151,11 @@ impl OutboxTable {
             key: find(&self.key, "outbox.key")?,
             payload,
             payload_is_bytea: rel.columns[payload].type_oid == BYTEA_OID,
-            headers: if c.headers.is_empty() { None } else { Some(find(&c.headers, "outbox.columns.headers")?) },
+            headers: if c.headers.is_empty() {
+                None
+            } else {
+                Some(find(&c.headers, "outbox.columns.headers")?)
+            },
             topic,
             columns: rel.columns.len(),
             table,
@@ -122,9 +165,16 @@ impl OutboxTable {
 
 impl Mapping {
     /// Builds the record for one inserted row of the transaction committed at `commit_lsn`.
-    pub fn record(&self, row: &Tuple, commit_lsn: Lsn, rel: &Relation) -> Result<Record, MappingError> {
+    pub fn record(
+        &self,
+        row: &Tuple,
+        commit_lsn: Lsn,
+        rel: &Relation,
+    ) -> Result<Record, MappingError> {
         let id_text = || match row.0.get(self.id) {
-            Some(Value::Text(b)) | Some(Value::Binary(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::Text(b)) | Some(Value::Binary(b)) => {
+                String::from_utf8_lossy(b).into_owned()
+            }
             _ => "NULL".to_string(),
         };
         if row.0.len() != self.columns {
@@ -165,7 +215,12 @@ impl Mapping {
             }
         }
         if !valid_topic(&topic) {
-            return Err(MappingError::BadTopic { table: self.table.clone(), topic, lsn: commit_lsn, id: id_text() });
+            return Err(MappingError::BadTopic {
+                table: self.table.clone(),
+                topic,
+                lsn: commit_lsn,
+                id: id_text(),
+            });
         }
         let key = required(self.key)?.clone();
         let id = required(self.id)?.clone();
@@ -191,7 +246,12 @@ impl Mapping {
         headers.push(("id".to_string(), id));
         headers.push(("event_type".to_string(), event_type));
         headers.push(("lsn".to_string(), Bytes::from(commit_lsn.to_string())));
-        Ok(Record { topic, key, value, headers })
+        Ok(Record {
+            topic,
+            key,
+            value,
+            headers,
+        })
     }
 }
 
@@ -233,7 +293,8 @@ pub fn valid_topic(t: &str) -> bool {
         && t.len() <= 249
         && t != "."
         && t != ".."
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]
@@ -250,7 +311,12 @@ mod tests {
             replica_identity: b'd',
             columns: cols
                 .iter()
-                .map(|(n, oid)| Column { is_key: *n == "id", name: n.to_string(), type_oid: *oid, type_modifier: -1 })
+                .map(|(n, oid)| Column {
+                    is_key: *n == "id",
+                    name: n.to_string(),
+                    type_oid: *oid,
+                    type_modifier: -1,
+                })
                 .collect(),
         }
     }
@@ -268,8 +334,12 @@ mod tests {
     }
 
     fn table(extra: &str) -> OutboxTable {
-        let cfg = Config::from_toml(&format!("[postgres]\nurl = \"postgresql://a@b/c\"\n{extra}"), Path::new("t"), |_| None)
-            .unwrap();
+        let cfg = Config::from_toml(
+            &format!("[postgres]\nurl = \"postgresql://a@b/c\"\n{extra}"),
+            Path::new("t"),
+            |_| None,
+        )
+        .unwrap();
         OutboxTable::from_config(&cfg)
     }
 
@@ -293,11 +363,21 @@ mod tests {
     fn maps_a_row_to_topic_key_value_and_headers() {
         let rel = default_relation();
         let m = table("").mapping(&rel).unwrap();
-        let r = m.record(&row(t(r#"{"trace": "t-1", "attempt": 2, "tags": ["a"]}"#)), Lsn(0x1_0000_00A0), &rel).unwrap();
+        let r = m
+            .record(
+                &row(t(r#"{"trace": "t-1", "attempt": 2, "tags": ["a"]}"#)),
+                Lsn(0x1_0000_00A0),
+                &rel,
+            )
+            .unwrap();
         assert_eq!(r.topic, "outbox.event.order");
         assert_eq!(&r.key[..], b"order-7");
         assert_eq!(&r.value[..], br#"{"total": 3}"#);
-        let h: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap())).collect();
+        let h: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap()))
+            .collect();
         assert_eq!(
             h,
             [
@@ -314,21 +394,47 @@ mod tests {
     #[test]
     fn null_headers_column_adds_only_relay_headers() {
         let rel = default_relation();
-        let r = table("").mapping(&rel).unwrap().record(&row(Value::Null), Lsn(1), &rel).unwrap();
+        let r = table("")
+            .mapping(&rel)
+            .unwrap()
+            .record(&row(Value::Null), Lsn(1), &rel)
+            .unwrap();
         assert_eq!(r.headers.len(), 3);
     }
 
     #[test]
     fn configured_columns_template_and_key() {
-        let rel = relation(&[("event_id", 2950), ("kind", 25), ("tenant", 25), ("entity", 25), ("body", 17)]);
+        let rel = relation(&[
+            ("event_id", 2950),
+            ("kind", 25),
+            ("tenant", 25),
+            ("entity", 25),
+            ("body", 17),
+        ]);
         let tbl = table(
             "[outbox]\ntopic = \"{tenant}.{kind}.events\"\nkey = \"entity\"\n[outbox.columns]\nid = \"event_id\"\naggregate_type = \"kind\"\naggregate_id = \"entity\"\nevent_type = \"kind\"\npayload = \"body\"\nheaders = \"\"\n",
         );
         let m = tbl.mapping(&rel).unwrap();
-        let r = m.record(&Tuple(vec![t("e1"), t("invoice"), t("acme"), t("inv-1"), t("\\x00ff10")]), Lsn(2), &rel).unwrap();
+        let r = m
+            .record(
+                &Tuple(vec![
+                    t("e1"),
+                    t("invoice"),
+                    t("acme"),
+                    t("inv-1"),
+                    t("\\x00ff10"),
+                ]),
+                Lsn(2),
+                &rel,
+            )
+            .unwrap();
         assert_eq!(r.topic, "acme.invoice.events");
         assert_eq!(&r.key[..], b"inv-1");
-        assert_eq!(&r.value[..], &[0x00, 0xff, 0x10], "bytea payload is sent as raw bytes");
+        assert_eq!(
+            &r.value[..],
+            &[0x00, 0xff, 0x10],
+            "bytea payload is sent as raw bytes"
+        );
     }
 
     #[test]
@@ -347,10 +453,16 @@ mod tests {
         let m = table("").mapping(&rel).unwrap();
         let mut r = row(Value::Null);
         r.0[2] = Value::Null;
-        let err = m.record(&r, "0/16B3748".parse().unwrap(), &rel).unwrap_err().to_string();
+        let err = m
+            .record(&r, "0/16B3748".parse().unwrap(), &rel)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"aggregate_id\""), "{err}");
         assert!(err.contains("0/16B3748"), "{err}");
-        assert!(err.contains("6f1e0f8e-0000-4000-8000-000000000001"), "{err}");
+        assert!(
+            err.contains("6f1e0f8e-0000-4000-8000-000000000001"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -359,7 +471,10 @@ mod tests {
         let m = table("").mapping(&rel).unwrap();
         let mut r = row(Value::Null);
         r.0[1] = t("order items/ü");
-        assert!(matches!(m.record(&r, Lsn(1), &rel), Err(MappingError::BadTopic { .. })));
+        assert!(matches!(
+            m.record(&r, Lsn(1), &rel),
+            Err(MappingError::BadTopic { .. })
+        ));
     }
 
     #[test]

@@ -33,13 +33,33 @@ impl Timestamp {
 pub enum Message {
     Begin(Begin),
     Commit(Commit),
-    Origin { commit_lsn: Lsn, name: String },
+    Origin {
+        commit_lsn: Lsn,
+        name: String,
+    },
     Relation(Relation),
-    Type { oid: u32, namespace: String, name: String },
-    Insert { relation_id: u32, new: Tuple },
-    Update { relation_id: u32, old: Option<Tuple>, new: Tuple },
-    Delete { relation_id: u32, old: Tuple },
-    Truncate { options: u8, relation_ids: Vec<u32> },
+    Type {
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        relation_id: u32,
+        new: Tuple,
+    },
+    Update {
+        relation_id: u32,
+        old: Option<Tuple>,
+        new: Tuple,
+    },
+    Delete {
+        relation_id: u32,
+        old: Tuple,
+    },
+    Truncate {
+        options: u8,
+        relation_ids: Vec<u32>,
+    },
     Message(LogicalMessage),
 }
 
@@ -135,7 +155,10 @@ struct Reader {
 impl Reader {
     fn need(&self, n: usize, what: &'static str) -> Result<(), DecodeError> {
         if self.buf.remaining() < n {
-            return Err(DecodeError::Truncated { what, needed: n - self.buf.remaining() });
+            return Err(DecodeError::Truncated {
+                what,
+                needed: n - self.buf.remaining(),
+            });
         }
         Ok(())
     }
@@ -164,8 +187,14 @@ impl Reader {
         Ok(Lsn(self.buf.get_u64()))
     }
     fn string(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let end = self.buf.iter().position(|&b| b == 0).ok_or(DecodeError::BadString { what })?;
-        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| DecodeError::BadString { what })?.to_owned();
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::BadString { what })?;
+        let s = std::str::from_utf8(&self.buf[..end])
+            .map_err(|_| DecodeError::BadString { what })?
+            .to_owned();
         self.buf.advance(end + 1);
         Ok(s)
     }
@@ -197,7 +226,11 @@ impl Reader {
                     let len = self.i32("binary value length")?;
                     Value::Binary(self.bytes(len, "binary value")?)
                 }
-                other => return Err(DecodeError::UnknownColumnKind { kind: other as char }),
+                other => {
+                    return Err(DecodeError::UnknownColumnKind {
+                        kind: other as char,
+                    })
+                }
             });
         }
         Ok(Tuple(values))
@@ -213,14 +246,29 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             let final_lsn = r.lsn("begin final LSN")?;
             let commit_time = Timestamp::from_pg_micros(r.i64("begin commit time")?);
             let xid = r.u32("begin xid")?;
-            (Message::Begin(Begin { final_lsn, commit_time, xid }), "Begin")
+            (
+                Message::Begin(Begin {
+                    final_lsn,
+                    commit_time,
+                    xid,
+                }),
+                "Begin",
+            )
         }
         b'C' => {
             let flags = r.u8("commit flags")?;
             let commit_lsn = r.lsn("commit LSN")?;
             let end_lsn = r.lsn("commit end LSN")?;
             let commit_time = Timestamp::from_pg_micros(r.i64("commit time")?);
-            (Message::Commit(Commit { flags, commit_lsn, end_lsn, commit_time }), "Commit")
+            (
+                Message::Commit(Commit {
+                    flags,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time,
+                }),
+                "Commit",
+            )
         }
         b'O' => {
             let commit_lsn = r.lsn("origin commit LSN")?;
@@ -239,23 +287,55 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
                 let name = r.string("column name")?;
                 let type_oid = r.u32("column type oid")?;
                 let type_modifier = r.i32("column type modifier")?;
-                columns.push(Column { is_key: flags & 1 == 1, name, type_oid, type_modifier });
+                columns.push(Column {
+                    is_key: flags & 1 == 1,
+                    name,
+                    type_oid,
+                    type_modifier,
+                });
             }
-            (Message::Relation(Relation { id, namespace, name, replica_identity, columns }), "Relation")
+            (
+                Message::Relation(Relation {
+                    id,
+                    namespace,
+                    name,
+                    replica_identity,
+                    columns,
+                }),
+                "Relation",
+            )
         }
         b'Y' => {
             let oid = r.u32("type oid")?;
             let namespace = r.string("type namespace")?;
             let name = r.string("type name")?;
-            (Message::Type { oid, namespace, name }, "Type")
+            (
+                Message::Type {
+                    oid,
+                    namespace,
+                    name,
+                },
+                "Type",
+            )
         }
         b'I' => {
             let relation_id = r.u32("insert relation id")?;
             match r.u8("insert tuple marker")? {
                 b'N' => {}
-                m => return Err(DecodeError::UnexpectedTupleMarker { message: "Insert", marker: m as char }),
+                m => {
+                    return Err(DecodeError::UnexpectedTupleMarker {
+                        message: "Insert",
+                        marker: m as char,
+                    })
+                }
             }
-            (Message::Insert { relation_id, new: r.tuple()? }, "Insert")
+            (
+                Message::Insert {
+                    relation_id,
+                    new: r.tuple()?,
+                },
+                "Insert",
+            )
         }
         b'U' => {
             let relation_id = r.u32("update relation id")?;
@@ -266,17 +346,38 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
                 marker = r.u8("update new tuple marker")?;
             }
             if marker != b'N' {
-                return Err(DecodeError::UnexpectedTupleMarker { message: "Update", marker: marker as char });
+                return Err(DecodeError::UnexpectedTupleMarker {
+                    message: "Update",
+                    marker: marker as char,
+                });
             }
-            (Message::Update { relation_id, old, new: r.tuple()? }, "Update")
+            (
+                Message::Update {
+                    relation_id,
+                    old,
+                    new: r.tuple()?,
+                },
+                "Update",
+            )
         }
         b'D' => {
             let relation_id = r.u32("delete relation id")?;
             match r.u8("delete tuple marker")? {
                 b'K' | b'O' => {}
-                m => return Err(DecodeError::UnexpectedTupleMarker { message: "Delete", marker: m as char }),
+                m => {
+                    return Err(DecodeError::UnexpectedTupleMarker {
+                        message: "Delete",
+                        marker: m as char,
+                    })
+                }
             }
-            (Message::Delete { relation_id, old: r.tuple()? }, "Delete")
+            (
+                Message::Delete {
+                    relation_id,
+                    old: r.tuple()?,
+                },
+                "Delete",
+            )
         }
         b'T' => {
             let n = r.u32("truncate relation count")?;
@@ -285,7 +386,13 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             for _ in 0..n {
                 relation_ids.push(r.u32("truncate relation id")?);
             }
-            (Message::Truncate { options, relation_ids }, "Truncate")
+            (
+                Message::Truncate {
+                    options,
+                    relation_ids,
+                },
+                "Truncate",
+            )
         }
         b'M' => {
             let flags = r.u8("message flags")?;
@@ -293,7 +400,15 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             let prefix = r.string("message prefix")?;
             let len = r.i32("message length")?;
             let content = r.bytes(len, "message content")?;
-            (Message::Message(LogicalMessage { transactional: flags & 1 == 1, lsn, prefix, content }), "Message")
+            (
+                Message::Message(LogicalMessage {
+                    transactional: flags & 1 == 1,
+                    lsn,
+                    prefix,
+                    content,
+                }),
+                "Message",
+            )
         }
         other => return Err(DecodeError::UnknownTag { tag: other as char }),
     };

@@ -82,7 +82,10 @@ impl RelayError {
             RelayError::Kafka(KafkaSetupError::Config(_)) => true,
             RelayError::Kafka(KafkaSetupError::CreateTopic { .. }) => false,
             RelayError::Delivery(_) => false,
-            RelayError::Decode { .. } | RelayError::Mapping(_) | RelayError::Send(_) | RelayError::UnknownRelation(_) => true,
+            RelayError::Decode { .. }
+            | RelayError::Mapping(_)
+            | RelayError::Send(_)
+            | RelayError::UnknownRelation(_) => true,
         }
     }
 }
@@ -99,12 +102,21 @@ async fn wait_shutdown(rx: &mut ShutdownRx) {
 
 /// Runs the relay until shutdown (`Ok`) or a fatal error. Failed sessions are
 /// retried with jittered exponential backoff.
-pub async fn run(cfg: Config, stats: Arc<Stats>, mut shutdown: ShutdownRx) -> Result<(), RelayError> {
+pub async fn run(
+    cfg: Config,
+    stats: Arc<Stats>,
+    mut shutdown: ShutdownRx,
+) -> Result<(), RelayError> {
     let pg = cfg.postgres_config().expect("validated");
     let outbox = OutboxTable::from_config(&cfg);
     let mut failures = 0u32;
     loop {
-        let mut session = Session { cfg: &cfg, outbox: &outbox, stats: &stats, streamed: false };
+        let mut session = Session {
+            cfg: &cfg,
+            outbox: &outbox,
+            stats: &stats,
+            streamed: false,
+        };
         let result = session.run(&pg, &mut shutdown).await;
         stats.active.store(false, Ordering::Relaxed);
         let err = match result {
@@ -132,8 +144,13 @@ pub async fn run(cfg: Config, stats: Arc<Stats>, mut shutdown: ShutdownRx) -> Re
 fn backoff(cfg: &Config, failures: u32) -> Duration {
     let min = cfg.relay.reconnect_backoff_min_ms;
     let max = cfg.relay.reconnect_backoff_max_ms;
-    let base = min.saturating_mul(1u64 << failures.saturating_sub(1).min(20)).min(max);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let base = min
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
+        .min(max);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
     Duration::from_millis((base as f64 * jitter) as u64)
 }
@@ -157,17 +174,25 @@ struct Stream {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, pg: &tokio_postgres::Config, shutdown: &mut ShutdownRx) -> Result<(), RelayError> {
+    async fn run(
+        &mut self,
+        pg: &tokio_postgres::Config,
+        shutdown: &mut ShutdownRx,
+    ) -> Result<(), RelayError> {
         let cfg = self.cfg;
         let client = setup::sql_connect(pg).await?;
         let slot = setup::prepare(&client, cfg).await?;
         drop(client);
         let (mut producer, mut reports) = Producer::new(&cfg.kafka)?;
         let conn = replication::connect(pg).await?;
-        let (mut reader, mut writer) = conn.start_logical(&cfg.postgres.slot, Lsn::ZERO, &cfg.postgres.publication).await?;
+        let (mut reader, mut writer) = conn
+            .start_logical(&cfg.postgres.slot, Lsn::ZERO, &cfg.postgres.publication)
+            .await?;
         self.streamed = true;
         self.stats.active.store(true, Ordering::Relaxed);
-        self.stats.confirmed_lsn.fetch_max(slot.confirmed_flush.0, Ordering::Relaxed);
+        self.stats
+            .confirmed_lsn
+            .fetch_max(slot.confirmed_flush.0, Ordering::Relaxed);
         tracing::info!(slot = %cfg.postgres.slot, confirmed = %slot.confirmed_flush, "streaming from slot");
 
         let mut s = Stream {
@@ -177,7 +202,8 @@ impl Session<'_> {
             commit_lsn: Lsn::ZERO,
             pending: None,
         };
-        let mut ticker = tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let result = loop {
@@ -220,7 +246,12 @@ impl Session<'_> {
         result
     }
 
-    async fn drain(&self, s: &mut Stream, reports: &mut tokio::sync::mpsc::UnboundedReceiver<DeliveryReport>, limit: Duration) {
+    async fn drain(
+        &self,
+        s: &mut Stream,
+        reports: &mut tokio::sync::mpsc::UnboundedReceiver<DeliveryReport>,
+        limit: Duration,
+    ) {
         let deadline = tokio::time::Instant::now() + limit;
         let started = Instant::now();
         while s.tracker.in_flight() > 0 {
@@ -250,22 +281,40 @@ impl Session<'_> {
         }
     }
 
-    async fn send_status(&self, writer: &mut StatusWriter, s: &Stream, reply: bool) -> Result<(), RelayError> {
+    async fn send_status(
+        &self,
+        writer: &mut StatusWriter,
+        s: &Stream,
+        reply: bool,
+    ) -> Result<(), RelayError> {
         let lsn = s.tracker.confirmed();
         writer.send_status(lsn, reply).await?;
         let sent = writer.last_sent();
-        if self.stats.confirmed_lsn.fetch_max(sent.0, Ordering::Relaxed) < sent.0 {
+        if self
+            .stats
+            .confirmed_lsn
+            .fetch_max(sent.0, Ordering::Relaxed)
+            < sent.0
+        {
             tracing::debug!(lsn = %sent, "confirmed");
         }
         Ok(())
     }
 
     fn retry_pending(&self, s: &mut Stream, producer: &Producer) -> Result<(), RelayError> {
-        let Some((seq, record)) = s.pending.take() else { return Ok(()) };
+        let Some((seq, record)) = s.pending.take() else {
+            return Ok(());
+        };
         self.enqueue(s, producer, seq, record)
     }
 
-    fn enqueue(&self, s: &mut Stream, producer: &Producer, seq: Seq, record: Record) -> Result<(), RelayError> {
+    fn enqueue(
+        &self,
+        s: &mut Stream,
+        producer: &Producer,
+        seq: Seq,
+        record: Record,
+    ) -> Result<(), RelayError> {
         match producer.send(seq, &record) {
             Ok(()) => {
                 self.stats.events_produced.fetch_add(1, Ordering::Relaxed);
@@ -288,19 +337,28 @@ impl Session<'_> {
     ) -> Result<(), RelayError> {
         let (start, data) = match event {
             StreamEvent::Keepalive { wal_end, reply } => {
-                self.stats.server_wal_end.fetch_max(wal_end.0, Ordering::Relaxed);
+                self.stats
+                    .server_wal_end
+                    .fetch_max(wal_end.0, Ordering::Relaxed);
                 s.tracker.keepalive(wal_end);
                 if reply {
                     self.send_status(writer, s, false).await?;
                 }
                 return Ok(());
             }
-            StreamEvent::XLogData { start, wal_end, data } => {
-                self.stats.server_wal_end.fetch_max(wal_end.0, Ordering::Relaxed);
+            StreamEvent::XLogData {
+                start,
+                wal_end,
+                data,
+            } => {
+                self.stats
+                    .server_wal_end
+                    .fetch_max(wal_end.0, Ordering::Relaxed);
                 (start, data)
             }
         };
-        let msg = pgoutput::decode(data).map_err(|source| RelayError::Decode { lsn: start, source })?;
+        let msg =
+            pgoutput::decode(data).map_err(|source| RelayError::Decode { lsn: start, source })?;
         match msg {
             Message::Begin(b) => {
                 s.commit_lsn = b.final_lsn;
@@ -308,7 +366,9 @@ impl Session<'_> {
             }
             Message::Commit(c) => {
                 s.tracker.commit(c.end_lsn);
-                self.stats.transactions_received.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .transactions_received
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Message::Relation(rel) => {
                 if self.outbox.matches(&rel) {
@@ -325,7 +385,10 @@ impl Session<'_> {
                     }
                     return self.ignore("insert into another table", relation_id, s);
                 };
-                let rel = s.relations.get(relation_id).ok_or(RelayError::UnknownRelation(relation_id))?;
+                let rel = s
+                    .relations
+                    .get(relation_id)
+                    .ok_or(RelayError::UnknownRelation(relation_id))?;
                 let record = match mapping {
                     Ok(m) => m.record(&new, s.commit_lsn, rel)?,
                     Err(e) => return Err(e.clone().into()),
@@ -345,7 +408,11 @@ impl Session<'_> {
 
     fn ignore(&self, what: &'static str, relation_id: u32, s: &Stream) -> Result<(), RelayError> {
         self.stats.changes_ignored.fetch_add(1, Ordering::Relaxed);
-        let table = s.relations.get(relation_id).map(|r| r.qualified_name()).unwrap_or_default();
+        let table = s
+            .relations
+            .get(relation_id)
+            .map(|r| r.qualified_name())
+            .unwrap_or_default();
         tracing::debug!(change = what, table = %table, "ignored change");
         Ok(())
     }

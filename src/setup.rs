@@ -16,12 +16,17 @@ pub enum SetupError {
     #[error("cannot connect to PostgreSQL: {}", redact(.0))]
     Connect(tokio_postgres::Error),
     #[error("query failed while {context}: {}", redact(.source))]
-    Query { context: &'static str, source: tokio_postgres::Error },
+    Query {
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
     #[error("wal_level is {actual:?}, logical replication needs \"logical\"; run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL")]
     WalLevel { actual: String },
     #[error("role {role:?} lacks the REPLICATION attribute; run ALTER ROLE {role} REPLICATION; as a superuser")]
     NoReplication { role: String },
-    #[error("table \"{table}\" does not exist; create it with sql/001_outbox.sql or set outbox.table")]
+    #[error(
+        "table \"{table}\" does not exist; create it with sql/001_outbox.sql or set outbox.table"
+    )]
     NoTable { table: TableName },
     #[error("publication {name:?} does not exist and postgres.create_missing is false; run CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');", quote_ident(.name), .table.quoted())]
     NoPublication { name: String, table: TableName },
@@ -30,7 +35,12 @@ pub enum SetupError {
     #[error("replication slot {name:?} does not exist and postgres.create_missing is false; run SELECT pg_create_logical_replication_slot('{name}', 'pgoutput');")]
     NoSlot { name: String },
     #[error("replication slot {name:?} uses plugin {plugin:?} (database {database:?}); the relay needs a pgoutput slot in database {expected_db:?}: use another slot name or drop it")]
-    WrongSlot { name: String, plugin: String, database: String, expected_db: String },
+    WrongSlot {
+        name: String,
+        plugin: String,
+        database: String,
+        expected_db: String,
+    },
     #[error("replication slot {name:?} is lost (wal_status = lost): PostgreSQL removed WAL it still needed, so events committed while it was behind may be missing from Kafka; check the outbox table for rows not in Kafka, then drop and recreate the slot")]
     SlotLost { name: String },
 }
@@ -38,7 +48,12 @@ pub enum SetupError {
 /// Database errors print their own message, never the connection string.
 fn redact(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{} {}: {}", db.severity().to_lowercase(), db.code().code(), db.message()),
+        Some(db) => format!(
+            "{} {}: {}",
+            db.severity().to_lowercase(),
+            db.code().code(),
+            db.message()
+        ),
         None => e.to_string(),
     }
 }
@@ -89,7 +104,11 @@ fn parse_lsn(s: Option<String>) -> Lsn {
 /// Checks the server and role, creates what is missing, and returns the slot's state.
 pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupError> {
     let table = cfg.table().expect("validated");
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(q("reading wal_level"))?.get(0);
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("reading wal_level"))?
+        .get(0);
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
     }
@@ -97,7 +116,8 @@ pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupEr
         .query_one("SELECT current_user::text, rolreplication OR rolsuper, current_database()::text FROM pg_roles WHERE rolname = current_user", &[])
         .await
         .map_err(q("reading the role's attributes"))?;
-    let (role, can_replicate, database): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+    let (role, can_replicate, database): (String, bool, String) =
+        (row.get(0), row.get(1), row.get(2));
     if !can_replicate {
         return Err(SetupError::NoReplication { role });
     }
@@ -113,7 +133,11 @@ pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupEr
     ensure_slot(client, cfg, &database).await
 }
 
-async fn ensure_publication(client: &Client, cfg: &Config, table: &TableName) -> Result<(), SetupError> {
+async fn ensure_publication(
+    client: &Client,
+    cfg: &Config,
+    table: &TableName,
+) -> Result<(), SetupError> {
     let name = &cfg.postgres.publication;
     let found = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name])
@@ -121,14 +145,26 @@ async fn ensure_publication(client: &Client, cfg: &Config, table: &TableName) ->
         .map_err(q("looking up the publication"))?;
     if found.is_none() {
         if !cfg.postgres.create_missing {
-            return Err(SetupError::NoPublication { name: name.clone(), table: table.clone() });
+            return Err(SetupError::NoPublication {
+                name: name.clone(),
+                table: table.clone(),
+            });
         }
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')", quote_ident(name), table.quoted());
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+            quote_ident(name),
+            table.quoted()
+        );
         match client.batch_execute(&sql).await {
             Ok(()) => tracing::info!(publication = %name, table = %table, "created publication"),
             // Another relay instance created it at the same moment.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-            Err(source) => return Err(SetupError::Query { context: "creating the publication", source }),
+            Err(source) => {
+                return Err(SetupError::Query {
+                    context: "creating the publication",
+                    source,
+                })
+            }
         }
     }
     let includes = client
@@ -139,13 +175,19 @@ async fn ensure_publication(client: &Client, cfg: &Config, table: &TableName) ->
         .await
         .map_err(q("reading the publication's tables"))?;
     if includes.is_none() {
-        return Err(SetupError::PublicationMissesTable { name: name.clone(), table: table.clone() });
+        return Err(SetupError::PublicationMissesTable {
+            name: name.clone(),
+            table: table.clone(),
+        });
     }
     Ok(())
 }
 
 /// Reads the slot; `None` if it does not exist.
-pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<(SlotState, String, String)>, SetupError> {
+pub async fn slot_state(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<(SlotState, String, String)>, SetupError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, database::text, confirmed_flush_lsn::text, restart_lsn::text, wal_status, active_pid
@@ -161,25 +203,53 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<(SlotState
             wal_status: r.get(4),
             active_pid: r.get(5),
         };
-        (state, r.get::<_, Option<String>>(0).unwrap_or_default(), r.get::<_, Option<String>>(1).unwrap_or_default())
+        (
+            state,
+            r.get::<_, Option<String>>(0).unwrap_or_default(),
+            r.get::<_, Option<String>>(1).unwrap_or_default(),
+        )
     }))
 }
 
-async fn ensure_slot(client: &Client, cfg: &Config, database: &str) -> Result<SlotState, SetupError> {
+async fn ensure_slot(
+    client: &Client,
+    cfg: &Config,
+    database: &str,
+) -> Result<SlotState, SetupError> {
     let name = &cfg.postgres.slot;
     if slot_state(client, name).await?.is_none() {
         if !cfg.postgres.create_missing {
             return Err(SetupError::NoSlot { name: name.clone() });
         }
-        match client.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[name]).await {
-            Ok(row) => tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), "created replication slot"),
+        match client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[name],
+            )
+            .await
+        {
+            Ok(row) => {
+                tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), "created replication slot")
+            }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-            Err(source) => return Err(SetupError::Query { context: "creating the replication slot", source }),
+            Err(source) => {
+                return Err(SetupError::Query {
+                    context: "creating the replication slot",
+                    source,
+                })
+            }
         }
     }
-    let (state, plugin, db) = slot_state(client, name).await?.ok_or_else(|| SetupError::NoSlot { name: name.clone() })?;
+    let (state, plugin, db) = slot_state(client, name)
+        .await?
+        .ok_or_else(|| SetupError::NoSlot { name: name.clone() })?;
     if plugin != "pgoutput" || db != database {
-        return Err(SetupError::WrongSlot { name: name.clone(), plugin, database: db, expected_db: database.to_string() });
+        return Err(SetupError::WrongSlot {
+            name: name.clone(),
+            plugin,
+            database: db,
+            expected_db: database.to_string(),
+        });
     }
     if state.wal_status.as_deref() == Some("lost") {
         return Err(SetupError::SlotLost { name: name.clone() });

@@ -18,7 +18,10 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
-        FrameReader { io, buf: BytesMut::with_capacity(64 * 1024) }
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
     }
 
     pub fn with_buffer(io: R, buf: BytesMut) -> Self {
@@ -42,7 +45,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
-            let n = self.io.read_buf(&mut self.buf).await.map_err(|source| ReplicationError::Io { context, source })?;
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|source| ReplicationError::Io { context, source })?;
             if n == 0 {
                 return Err(ReplicationError::Closed { context });
             }
@@ -60,7 +67,12 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, Replicatio
     let len = usize::try_from(len)
         .ok()
         .filter(|l| (4..=MAX_FRAME).contains(l))
-        .ok_or_else(|| ReplicationError::Protocol(format!("invalid frame length {len} for message {:?}", tag as char)))?;
+        .ok_or_else(|| {
+            ReplicationError::Protocol(format!(
+                "invalid frame length {len} for message {:?}",
+                tag as char
+            ))
+        })?;
     if buf.len() < 1 + len {
         buf.reserve(1 + len - buf.len());
         return Ok(None);
@@ -73,8 +85,15 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, Replicatio
 /// A CopyData payload of the replication protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyData {
-    XLogData { start: Lsn, wal_end: Lsn, data: Bytes },
-    Keepalive { wal_end: Lsn, reply: bool },
+    XLogData {
+        start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        reply: bool,
+    },
 }
 
 /// Parses a CopyData payload: `w` XLogData or `k` primary keepalive.
@@ -89,7 +108,11 @@ pub fn parse_copy_data(mut body: Bytes) -> Result<CopyData, ReplicationError> {
             let start = get_lsn(&mut body);
             let wal_end = get_lsn(&mut body);
             let _send_time = body.get_i64();
-            Ok(CopyData::XLogData { start, wal_end, data: body })
+            Ok(CopyData::XLogData {
+                start,
+                wal_end,
+                data: body,
+            })
         }
         Some(b'k') => {
             if body.len() < 18 {
@@ -98,16 +121,28 @@ pub fn parse_copy_data(mut body: Bytes) -> Result<CopyData, ReplicationError> {
             body.advance(1);
             let wal_end = get_lsn(&mut body);
             let _send_time = body.get_i64();
-            Ok(CopyData::Keepalive { wal_end, reply: body.get_u8() == 1 })
+            Ok(CopyData::Keepalive {
+                wal_end,
+                reply: body.get_u8() == 1,
+            })
         }
-        Some(other) => Err(ReplicationError::Protocol(format!("unknown CopyData kind {:?}", *other as char))),
+        Some(other) => Err(ReplicationError::Protocol(format!(
+            "unknown CopyData kind {:?}",
+            *other as char
+        ))),
         None => Err(ReplicationError::Protocol("empty CopyData message".into())),
     }
 }
 
 /// Turns an ErrorResponse (or NoticeResponse) body into an error with its SQLSTATE.
 pub fn error_response(body: &[u8]) -> ReplicationError {
-    let (mut severity, mut code, mut message, mut detail, mut hint) = (String::from("ERROR"), String::new(), String::new(), None, None);
+    let (mut severity, mut code, mut message, mut detail, mut hint) = (
+        String::from("ERROR"),
+        String::new(),
+        String::new(),
+        None,
+        None,
+    );
     let mut rest = body;
     while let Some((&kind, tail)) = rest.split_first() {
         if kind == 0 {
@@ -125,7 +160,13 @@ pub fn error_response(body: &[u8]) -> ReplicationError {
         }
         rest = tail.get(end + 1..).unwrap_or(&[]);
     }
-    ReplicationError::Server { severity, code, message, detail, hint }
+    ReplicationError::Server {
+        severity,
+        code,
+        message,
+        detail,
+        hint,
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +194,13 @@ mod tests {
             while let Some(f) = split_frame(&mut buf).unwrap() {
                 got.push(f);
             }
-            assert_eq!(got, vec![(b'd', Bytes::from_static(b"abc")), (b'Z', Bytes::from_static(b"I"))]);
+            assert_eq!(
+                got,
+                vec![
+                    (b'd', Bytes::from_static(b"abc")),
+                    (b'Z', Bytes::from_static(b"I"))
+                ]
+            );
         }
     }
 
@@ -177,14 +224,24 @@ mod tests {
         w.put_slice(b"B...");
         assert_eq!(
             parse_copy_data(w.freeze()).unwrap(),
-            CopyData::XLogData { start: Lsn(0x10), wal_end: Lsn(0x20), data: Bytes::from_static(b"B...") }
+            CopyData::XLogData {
+                start: Lsn(0x10),
+                wal_end: Lsn(0x20),
+                data: Bytes::from_static(b"B...")
+            }
         );
         let mut k = BytesMut::new();
         k.put_u8(b'k');
         k.put_u64(0x30);
         k.put_i64(0);
         k.put_u8(1);
-        assert_eq!(parse_copy_data(k.freeze()).unwrap(), CopyData::Keepalive { wal_end: Lsn(0x30), reply: true });
+        assert_eq!(
+            parse_copy_data(k.freeze()).unwrap(),
+            CopyData::Keepalive {
+                wal_end: Lsn(0x30),
+                reply: true
+            }
+        );
         for bad in [&b""[..], b"w123", b"k1", b"x"] {
             assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err());
         }
@@ -192,9 +249,13 @@ mod tests {
 
     #[test]
     fn error_response_keeps_sqlstate_and_hint() {
-        let body = b"SERROR\0VERROR\0C55006\0Mreplication slot \"s\" is active for PID 42\0Hstop it\0\0";
+        let body =
+            b"SERROR\0VERROR\0C55006\0Mreplication slot \"s\" is active for PID 42\0Hstop it\0\0";
         let err = error_response(body);
         assert!(err.is_slot_in_use());
-        assert_eq!(err.to_string(), "PostgreSQL error 55006: replication slot \"s\" is active for PID 42; hint: stop it");
+        assert_eq!(
+            err.to_string(),
+            "PostgreSQL error 55006: replication slot \"s\" is active for PID 42; hint: stop it"
+        );
     }
 }

@@ -30,22 +30,40 @@ pub type BoxedTransport = Box<dyn Transport>;
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot connect to PostgreSQL at {target}: {source}")]
-    Connect { target: String, source: std::io::Error },
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
     #[error("timed out after {0:?} connecting to PostgreSQL at {1}")]
     ConnectTimeout(Duration, String),
     #[error("replication connection failed while {context}: {source}")]
-    Io { context: &'static str, source: std::io::Error },
+    Io {
+        context: &'static str,
+        source: std::io::Error,
+    },
     #[error("PostgreSQL closed the replication connection while {context}")]
     Closed { context: &'static str },
     #[error("{}", server_message(.severity, .code, .message, .detail, .hint))]
-    Server { severity: String, code: String, message: String, detail: Option<String>, hint: Option<String> },
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
     #[error("authentication for user {user:?} failed: {message}")]
     Auth { user: String, message: String },
     #[error("replication protocol error: {0}")]
     Protocol(String),
 }
 
-fn server_message(severity: &str, code: &str, message: &str, detail: &Option<String>, hint: &Option<String>) -> String {
+fn server_message(
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: &Option<String>,
+    hint: &Option<String>,
+) -> String {
     let mut s = format!("PostgreSQL {} {code}: {message}", severity.to_lowercase());
     if let Some(d) = detail {
         s.push_str(&format!(" ({d})"));
@@ -78,7 +96,10 @@ impl ReplicationError {
             ReplicationError::Server { code, .. } => {
                 // 28xxx auth, 42xxx (undefined object, privileges), 3D000 no database,
                 // 55000 object not in prerequisite state (e.g. invalidated slot).
-                code.starts_with("28") || code.starts_with("42") || code == "3D000" || code == "55000"
+                code.starts_with("28")
+                    || code.starts_with("42")
+                    || code == "3D000"
+                    || code == "55000"
             }
             _ => false,
         }
@@ -89,7 +110,11 @@ impl ReplicationError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// WAL data: one pgoutput message starting at `start`.
-    XLogData { start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// Primary keepalive: the server's WAL end; `reply` asks for a status update now.
     Keepalive { wal_end: Lsn, reply: bool },
 }
@@ -110,8 +135,17 @@ pub struct StatusWriter {
 pub(crate) fn streaming(frames: FrameReader<BoxedTransport>) -> (StreamReader, StatusWriter) {
     let (buffered, io) = frames.into_parts();
     let (r, w) = tokio::io::split(io);
-    let reader = StreamReader { frames: FrameReader::with_buffer(r, buffered) };
-    (reader, StatusWriter { io: w, buf: BytesMut::with_capacity(64), last_sent: Lsn::ZERO })
+    let reader = StreamReader {
+        frames: FrameReader::with_buffer(r, buffered),
+    };
+    (
+        reader,
+        StatusWriter {
+            io: w,
+            buf: BytesMut::with_capacity(64),
+            last_sent: Lsn::ZERO,
+        },
+    )
 }
 
 impl StreamReader {
@@ -124,9 +158,14 @@ impl StreamReader {
                 b'd' => return parse_copy_data(body).map(|c| Some(c.into_event())),
                 b'c' | b'C' | b'Z' => return Ok(None),
                 b'E' => return Err(frame::error_response(&body)),
-                b'N' => tracing::info!(notice = %frame::error_response(&body), "notice from PostgreSQL"),
+                b'N' => {
+                    tracing::info!(notice = %frame::error_response(&body), "notice from PostgreSQL")
+                }
                 other => {
-                    return Err(ReplicationError::Protocol(format!("unexpected message {:?} while streaming", other as char)))
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected message {:?} while streaming",
+                        other as char
+                    )))
                 }
             }
         }
@@ -136,7 +175,15 @@ impl StreamReader {
 impl CopyData {
     fn into_event(self) -> StreamEvent {
         match self {
-            CopyData::XLogData { start, wal_end, data } => StreamEvent::XLogData { start, wal_end, data },
+            CopyData::XLogData {
+                start,
+                wal_end,
+                data,
+            } => StreamEvent::XLogData {
+                start,
+                wal_end,
+                data,
+            },
             CopyData::Keepalive { wal_end, reply } => StreamEvent::Keepalive { wal_end, reply },
         }
     }
@@ -144,7 +191,10 @@ impl CopyData {
 
 /// Microseconds since 2000-01-01, PostgreSQL's clock.
 fn pg_now() -> i64 {
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     unix - 946_684_800_000_000
 }
 
@@ -157,7 +207,11 @@ impl StatusWriter {
     /// Sends a standby status update with `lsn` as written, flushed and applied
     /// position. A position lower than one sent before is raised to it: the
     /// server must never see the confirmed position go backwards.
-    pub async fn send_status(&mut self, lsn: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        lsn: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
         let lsn = lsn.max(self.last_sent);
         self.buf.clear();
         self.buf.put_u8(b'd');
@@ -168,8 +222,20 @@ impl StatusWriter {
         }
         self.buf.put_i64(pg_now());
         self.buf.put_u8(u8::from(reply_requested));
-        self.io.write_all(&self.buf).await.map_err(|source| ReplicationError::Io { context: "sending a status update", source })?;
-        self.io.flush().await.map_err(|source| ReplicationError::Io { context: "sending a status update", source })?;
+        self.io
+            .write_all(&self.buf)
+            .await
+            .map_err(|source| ReplicationError::Io {
+                context: "sending a status update",
+                source,
+            })?;
+        self.io
+            .flush()
+            .await
+            .map_err(|source| ReplicationError::Io {
+                context: "sending a status update",
+                source,
+            })?;
         self.last_sent = lsn;
         Ok(())
     }
@@ -178,8 +244,20 @@ impl StatusWriter {
     pub async fn copy_done(&mut self) -> Result<(), ReplicationError> {
         self.buf.clear();
         postgres_protocol::message::frontend::copy_done(&mut self.buf);
-        self.io.write_all(&self.buf).await.map_err(|source| ReplicationError::Io { context: "ending the stream", source })?;
-        self.io.flush().await.map_err(|source| ReplicationError::Io { context: "ending the stream", source })
+        self.io
+            .write_all(&self.buf)
+            .await
+            .map_err(|source| ReplicationError::Io {
+                context: "ending the stream",
+                source,
+            })?;
+        self.io
+            .flush()
+            .await
+            .map_err(|source| ReplicationError::Io {
+                context: "ending the stream",
+                source,
+            })
     }
 
     /// Says goodbye (Terminate) and closes the socket.

@@ -28,7 +28,10 @@ fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> ReplicationEr
 }
 
 async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, ReplicationError> {
-    let timeout = cfg.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let timeout = cfg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let ports = cfg.get_ports();
     let mut last = None;
     for (i, host) in cfg.get_hosts().iter().enumerate() {
@@ -48,7 +51,9 @@ async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, Rep
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let target = path.display().to_string();
-                let res = tokio::time::timeout(timeout, UnixStream::connect(path)).await.map(|r| r.map(|s| Box::new(s) as BoxedTransport));
+                let res = tokio::time::timeout(timeout, UnixStream::connect(path))
+                    .await
+                    .map(|r| r.map(|s| Box::new(s) as BoxedTransport));
                 (target, res)
             }
         };
@@ -58,33 +63,57 @@ async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, Rep
             Err(_) => last = Some(ReplicationError::ConnectTimeout(timeout, target)),
         }
     }
-    Err(last.unwrap_or_else(|| ReplicationError::Protocol("the connection string names no host".into())))
+    Err(last.unwrap_or_else(|| {
+        ReplicationError::Protocol("the connection string names no host".into())
+    }))
 }
 
 /// Connects and authenticates a replication connection.
-pub async fn connect(cfg: &tokio_postgres::Config) -> Result<ReplicationConnection, ReplicationError> {
+pub async fn connect(
+    cfg: &tokio_postgres::Config,
+) -> Result<ReplicationConnection, ReplicationError> {
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
     let mut io = open_socket(cfg).await?;
     let mut buf = BytesMut::new();
-    let mut params = vec![("user", user.as_str()), ("database", dbname.as_str()), ("replication", "database")];
+    let mut params = vec![
+        ("user", user.as_str()),
+        ("database", dbname.as_str()),
+        ("replication", "database"),
+    ];
     if let Some(app) = cfg.get_application_name() {
         params.push(("application_name", app));
     }
     frontend::startup_message(params, &mut buf).map_err(io_err("sending the startup message"))?;
-    io.write_all(&buf).await.map_err(io_err("sending the startup message"))?;
-    let mut conn = ReplicationConnection { frames: FrameReader::new(io), user };
+    io.write_all(&buf)
+        .await
+        .map_err(io_err("sending the startup message"))?;
+    let mut conn = ReplicationConnection {
+        frames: FrameReader::new(io),
+        user,
+    };
     conn.authenticate(cfg.get_password()).await?;
     Ok(conn)
 }
 
 impl ReplicationConnection {
-    async fn send(&mut self, buf: &BytesMut, context: &'static str) -> Result<(), ReplicationError> {
-        self.frames.get_mut().write_all(buf).await.map_err(io_err(context))
+    async fn send(
+        &mut self,
+        buf: &BytesMut,
+        context: &'static str,
+    ) -> Result<(), ReplicationError> {
+        self.frames
+            .get_mut()
+            .write_all(buf)
+            .await
+            .map_err(io_err(context))
     }
 
     fn auth_error(&self, message: impl Into<String>) -> ReplicationError {
-        ReplicationError::Auth { user: self.user.clone(), message: message.into() }
+        ReplicationError::Auth {
+            user: self.user.clone(),
+            message: message.into(),
+        }
     }
 
     async fn authenticate(&mut self, password: Option<&[u8]>) -> Result<(), ReplicationError> {
@@ -99,7 +128,9 @@ impl ReplicationConnection {
             match tag {
                 b'R' => {
                     if body.len() < 4 {
-                        return Err(ReplicationError::Protocol("truncated authentication request".into()));
+                        return Err(ReplicationError::Protocol(
+                            "truncated authentication request".into(),
+                        ));
                     }
                     let mut buf = BytesMut::new();
                     match body.get_i32() {
@@ -152,13 +183,21 @@ impl ReplicationConnection {
                 }
                 b'S' | b'K' | b'N' => {}
                 b'Z' => return Ok(()),
-                other => return Err(ReplicationError::Protocol(format!("unexpected message {:?} during startup", other as char))),
+                other => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )))
+                }
             }
         }
     }
 
     /// Runs a replication command or query; returns the rows as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf).map_err(io_err("sending a query"))?;
         self.send(&buf, "sending a query").await?;
@@ -198,7 +237,10 @@ impl ReplicationConnection {
                 b'E' => return Err(error_response(&body)),
                 b'N' => tracing::info!(notice = %error_response(&body), "notice from PostgreSQL"),
                 other => {
-                    return Err(ReplicationError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char)))
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        other as char
+                    )))
                 }
             }
         }

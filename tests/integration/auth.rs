@@ -12,7 +12,11 @@ use crate::harness::*;
 async fn create_role(name: &str, password: &str, md5: bool, replication: bool) {
     let db = servers().sql().await;
     let enc = if md5 { "md5" } else { "scram-sha-256" };
-    let repl = if replication { "REPLICATION" } else { "NOREPLICATION" };
+    let repl = if replication {
+        "REPLICATION"
+    } else {
+        "NOREPLICATION"
+    };
     db.batch_execute(&format!(
         "SET password_encryption = '{enc}';
          DO $$ BEGIN
@@ -37,18 +41,34 @@ async fn authenticates_with_scram_md5_cleartext_and_trust() {
     create_role("md5_user", "md5-pw", true, true).await;
     create_role("plain_user", "plain-pw", false, true).await;
     create_role("trust_user", "unused", false, true).await;
-    for url in [s.url(), s.url_for("md5_user", "md5-pw"), s.url_for("plain_user", "plain-pw"), format!("postgresql://trust_user@127.0.0.1:{}/postgres", s.pg_port)] {
+    for url in [
+        s.url(),
+        s.url_for("md5_user", "md5-pw"),
+        s.url_for("plain_user", "plain-pw"),
+        format!("postgresql://trust_user@127.0.0.1:{}/postgres", s.pg_port),
+    ] {
         let rows = identify(&url).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0][3].as_deref(), Some("postgres"), "IDENTIFY_SYSTEM names the database");
-        assert!(rows[0][2].as_deref().unwrap().contains('/'), "xlogpos is an LSN");
+        assert_eq!(
+            rows[0][3].as_deref(),
+            Some("postgres"),
+            "IDENTIFY_SYSTEM names the database"
+        );
+        assert!(
+            rows[0][2].as_deref().unwrap().contains('/'),
+            "xlogpos is an LSN"
+        );
     }
 }
 
 #[tokio::test]
 async fn connects_over_a_unix_socket() {
     let s = servers();
-    let url = format!("host={} port={} user=postgres dbname=postgres", s.pg_socket_dir.display(), s.pg_port);
+    let url = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        s.pg_socket_dir.display(),
+        s.pg_port
+    );
     let rows = identify(&url).await.unwrap();
     assert_eq!(rows[0][3].as_deref(), Some("postgres"));
 }
@@ -57,8 +77,14 @@ async fn connects_over_a_unix_socket() {
 async fn wrong_or_missing_password_is_a_clear_auth_error_without_the_secret() {
     let s = servers();
     for (url, expected) in [
-        (s.url_for("postgres", "not-the-password"), "password authentication failed"),
-        (format!("postgresql://postgres@127.0.0.1:{}/postgres", s.pg_port), "has none; add it to postgres.url"),
+        (
+            s.url_for("postgres", "not-the-password"),
+            "password authentication failed",
+        ),
+        (
+            format!("postgresql://postgres@127.0.0.1:{}/postgres", s.pg_port),
+            "has none; add it to postgres.url",
+        ),
     ] {
         let err = identify(&url).await.unwrap_err();
         assert!(matches!(err, ReplicationError::Auth { .. }), "{err:?}");
@@ -71,9 +97,18 @@ async fn wrong_or_missing_password_is_a_clear_auth_error_without_the_secret() {
 
 #[tokio::test]
 async fn unreachable_server_names_the_target() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let err = identify(&format!("postgresql://u:pw@127.0.0.1:{port}/db")).await.unwrap_err();
-    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = identify(&format!("postgresql://u:pw@127.0.0.1:{port}/db"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(!err.is_permanent(), "a down server is retried");
 }
 
@@ -82,14 +117,27 @@ async fn role_without_replication_and_missing_table_are_refused_with_the_fix() {
     let s = servers();
     create_role("no_repl_user", "pw", false, false).await;
     let tc = TestCase::new("norepl").await;
-    let text = tc.config_text(&s.brokers, "").replace(&s.url(), &s.url_for("no_repl_user", "pw"));
-    let cfg = outbox_relay::config::Config::from_toml(&text, std::path::Path::new("t"), |_| None).unwrap();
+    let text = tc
+        .config_text(&s.brokers, "")
+        .replace(&s.url(), &s.url_for("no_repl_user", "pw"));
+    let cfg = outbox_relay::config::Config::from_toml(&text, std::path::Path::new("t"), |_| None)
+        .unwrap();
     let err = spawn_relay(cfg).join().await.unwrap_err();
-    assert!(matches!(err, RelayError::Setup(SetupError::NoReplication { .. })), "{err:?}");
-    assert!(err.to_string().contains("ALTER ROLE no_repl_user REPLICATION"), "{err}");
+    assert!(
+        matches!(err, RelayError::Setup(SetupError::NoReplication { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("ALTER ROLE no_repl_user REPLICATION"),
+        "{err}"
+    );
 
-    let text = tc.config_text(&s.brokers, "").replace(&format!("public.{}", tc.table), "public.no_such_outbox");
-    let cfg = outbox_relay::config::Config::from_toml(&text, std::path::Path::new("t"), |_| None).unwrap();
+    let text = tc
+        .config_text(&s.brokers, "")
+        .replace(&format!("public.{}", tc.table), "public.no_such_outbox");
+    let cfg = outbox_relay::config::Config::from_toml(&text, std::path::Path::new("t"), |_| None)
+        .unwrap();
     let err = spawn_relay(cfg).join().await.unwrap_err();
     assert!(err.is_fatal());
     assert_eq!(

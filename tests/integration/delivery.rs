@@ -11,7 +11,7 @@ use crate::harness::*;
 async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
     let tc = TestCase::new("bulk").await;
     let s = servers();
-    let relay = spawn_relay(tc.config());
+    let relay = start_relay(tc.config()).await;
     let db = s.sql().await;
 
     // 10,000 events over 100 aggregates of 2 types, in transactions of 1 to 500 rows.
@@ -31,12 +31,23 @@ async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
         );
         db.batch_execute(&sql).await.unwrap();
         written += n;
-        let lsn: String = db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+        let lsn: String = db
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         last_end = lsn.parse().unwrap();
     }
 
     let topics = vec![tc.topic("order"), tc.topic("customer")];
-    eventually(120, "all 10,000 acknowledged", || async { relay.stats.events_acked.load(std::sync::atomic::Ordering::Relaxed) >= 10_000 }).await;
+    eventually(120, "all 10,000 acknowledged", || async {
+        relay
+            .stats
+            .events_acked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 10_000
+    })
+    .await;
     let got = consume_all(&s.brokers, &topics, 10_000);
     assert_eq!(got.len(), 10_000, "exactly 10,000 records in Kafka");
 
@@ -47,29 +58,56 @@ async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
         let v: serde_json::Value = serde_json::from_str(&r.value).unwrap();
         let seq = v["seq"].as_i64().unwrap();
         assert_eq!(v["text"], "ünïcødé ✓");
-        assert!(seen.insert(seq, r.clone()).is_none(), "seq {seq} delivered twice");
+        assert!(
+            seen.insert(seq, r.clone()).is_none(),
+            "seq {seq} delivered twice"
+        );
         let agg = seq % 100;
         assert_eq!(r.key, format!("agg-{agg}"));
-        assert_eq!(r.topic, tc.topic(if agg < 50 { "order" } else { "customer" }));
+        assert_eq!(
+            r.topic,
+            tc.topic(if agg < 50 { "order" } else { "customer" })
+        );
         assert_eq!(r.header("event_type"), Some("Seq"));
         assert_eq!(r.header("trace"), Some(format!("t{seq}").as_str()));
-        assert_eq!(r.header("n"), Some(seq.to_string().as_str()), "non-string header values as JSON text");
+        assert_eq!(
+            r.header("n"),
+            Some(seq.to_string().as_str()),
+            "non-string header values as JSON text"
+        );
         assert_eq!(r.header("id").unwrap().len(), 36, "uuid id header");
         let lsn: Lsn = r.header("lsn").unwrap().parse().unwrap();
         assert!(lsn <= last_end);
         per_key.entry(r.key.clone()).or_default().push(seq);
-        partitions_of_key.entry(r.key.clone()).or_default().insert(r.partition);
+        partitions_of_key
+            .entry(r.key.clone())
+            .or_default()
+            .insert(r.partition);
     }
     assert_eq!(seen.len(), 10_000);
     for (key, seqs) in &per_key {
         // Within one partition records are in offset order: the order of seq must be the commit order.
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key} out of order: {seqs:?}");
-        assert_eq!(partitions_of_key[key].len(), 1, "key {key} spread over partitions");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {seqs:?}"
+        );
+        assert_eq!(
+            partitions_of_key[key].len(),
+            1,
+            "key {key} spread over partitions"
+        );
     }
 
     // Once everything is acknowledged the slot reaches the last commit.
-    eventually(20, "slot confirmed past the last commit", || async { tc.confirmed().await >= last_end }).await;
-    let current: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    eventually(20, "slot confirmed past the last commit", || async {
+        tc.confirmed().await >= last_end
+    })
+    .await;
+    let current: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(tc.confirmed().await <= current.parse().unwrap());
     relay.stop().await.unwrap();
 }
@@ -79,15 +117,38 @@ async fn writes_to_other_tables_advance_the_slot_while_the_outbox_is_idle() {
     let tc = TestCase::new("idle").await;
     let s = servers();
     let db = s.sql().await;
-    db.batch_execute("CREATE TABLE IF NOT EXISTS idle_other (id serial primary key, v text)").await.unwrap();
-    let relay = spawn_relay(tc.config());
-    eventually(20, "relay streaming", || async { relay.stats.active.load(std::sync::atomic::Ordering::Relaxed) }).await;
+    db.batch_execute("CREATE TABLE IF NOT EXISTS idle_other (id serial primary key, v text)")
+        .await
+        .unwrap();
+    let relay = start_relay(tc.config()).await;
     let before = tc.confirmed().await;
-    db.batch_execute("INSERT INTO idle_other (v) SELECT repeat('x', 100) FROM generate_series(1, 5000)").await.unwrap();
-    let after_write: Lsn = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get::<_, String>(0).parse().unwrap();
-    assert!(after_write.bytes_since(before) > 100_000, "the write produced WAL");
-    eventually(30, "slot to advance past the unrelated writes", || async { tc.confirmed().await >= after_write }).await;
-    assert_eq!(relay.stats.events_received.load(std::sync::atomic::Ordering::Relaxed), 0);
+    db.batch_execute(
+        "INSERT INTO idle_other (v) SELECT repeat('x', 100) FROM generate_series(1, 5000)",
+    )
+    .await
+    .unwrap();
+    let after_write: Lsn = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    assert!(
+        after_write.bytes_since(before) > 100_000,
+        "the write produced WAL"
+    );
+    eventually(30, "slot to advance past the unrelated writes", || async {
+        tc.confirmed().await >= after_write
+    })
+    .await;
+    assert_eq!(
+        relay
+            .stats
+            .events_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     relay.stop().await.unwrap();
 }
 
@@ -96,8 +157,7 @@ async fn updates_deletes_and_other_tables_produce_nothing() {
     let tc = TestCase::new("ignored").await;
     let s = servers();
     let db = s.sql().await;
-    let relay = spawn_relay(tc.config());
-    eventually(20, "relay streaming", || async { relay.stats.active.load(std::sync::atomic::Ordering::Relaxed) }).await;
+    let relay = start_relay(tc.config()).await;
     let t = &tc.table;
     // The publication publishes inserts only; make it publish everything to prove the relay filters.
     db.batch_execute(&format!(
@@ -110,11 +170,27 @@ async fn updates_deletes_and_other_tables_produce_nothing() {
     ))
     .await
     .unwrap();
-    eventually(20, "both inserts acknowledged", || async { relay.stats.events_acked.load(std::sync::atomic::Ordering::Relaxed) == 2 }).await;
+    eventually(20, "both inserts acknowledged", || async {
+        relay
+            .stats
+            .events_acked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
     let got = consume_all(&s.brokers, &[tc.topic("x")], 2);
-    let types: Vec<_> = got.iter().map(|r| r.header("event_type").unwrap().to_string()).collect();
+    let types: Vec<_> = got
+        .iter()
+        .map(|r| r.header("event_type").unwrap().to_string())
+        .collect();
     assert_eq!(types.len(), 2);
     assert!(types.contains(&"A".to_string()) && types.contains(&"C".to_string()));
-    assert!(relay.stats.changes_ignored.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert!(
+        relay
+            .stats
+            .changes_ignored
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
     relay.stop().await.unwrap();
 }

@@ -6,8 +6,6 @@
 //! the data directory) when the test process exits, however it exits: the
 //! watchdog reads its stdin, a pipe whose write end only the test process holds.
 
-
-
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -40,7 +38,11 @@ pub fn servers() -> &'static Servers {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn pg_bin() -> PathBuf {
@@ -48,7 +50,12 @@ fn pg_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("postgres").exists()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("postgres").exists())
+                .collect()
+        })
         .unwrap_or_default();
     found.sort();
     found.pop().expect("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: run deploy/dev/install-deps.sh")
@@ -58,14 +65,20 @@ pub fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU_BIN") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var("OUTBOX_RELAY_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-            .join("outbox-relay")
-    });
+    let cache = std::env::var("OUTBOX_RELAY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
+                .join("outbox-relay")
+        });
     let p = cache.join("tansu-0.6.0/bin/tansu");
-    assert!(p.exists(), "tansu not found at {}: run deploy/dev/install-deps.sh (or set TANSU_BIN)", p.display());
+    assert!(
+        p.exists(),
+        "tansu not found at {}: run deploy/dev/install-deps.sh (or set TANSU_BIN)",
+        p.display()
+    );
     p
 }
 
@@ -76,8 +89,14 @@ fn postgres_ids() -> Option<(u32, u32)> {
         return None;
     }
     let id = |flag: &str| -> u32 {
-        let out = Command::new("id").args([flag, "postgres"]).output().expect("id");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("running as root needs a 'postgres' user")
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("running as root needs a 'postgres' user")
     };
     Some((id("-u"), id("-g")))
 }
@@ -91,14 +110,31 @@ fn as_postgres(cmd: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
 
 /// Starts `program args..` under a watchdog shell that stops it with `signal`
 /// and runs `cleanup` once our stdin closes.
-fn supervise(program: &Path, args: &[String], signal: &str, cleanup: &str, ids: Option<(u32, u32)>, log: &Path) -> (Child, ChildStdin) {
-    let script = format!(r#""$@" & pid=$!; read -r _; kill -{signal} $pid 2>/dev/null; wait $pid; {cleanup}"#);
+fn supervise(
+    program: &Path,
+    args: &[String],
+    signal: &str,
+    cleanup: &str,
+    ids: Option<(u32, u32)>,
+    log: &Path,
+) -> (Child, ChildStdin) {
+    let script = format!(
+        r#""$@" & pid=$!; read -r _; kill -{signal} $pid 2>/dev/null; wait $pid; {cleanup}"#
+    );
     let mut cmd = Command::new("bash");
-    cmd.arg("-c").arg(script).arg("watchdog").arg(program).args(args);
+    cmd.arg("-c")
+        .arg(script)
+        .arg("watchdog")
+        .arg(program)
+        .args(args);
     let log = std::fs::File::create(log).unwrap();
-    cmd.stdin(Stdio::piped()).stdout(log.try_clone().unwrap()).stderr(log);
+    cmd.stdin(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
     as_postgres(&mut cmd, ids);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
     let stdin = child.stdin.take().unwrap();
     (child, stdin)
 }
@@ -107,7 +143,10 @@ fn wait_port(port: u16, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            panic!("{what} did not start listening on {port}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{what} did not start listening on {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -115,7 +154,11 @@ fn wait_port(port: u16, what: &str, log: &Path) {
 
 fn start_servers() -> Servers {
     let ids = postgres_ids();
-    let dir = tempfile::Builder::new().prefix("outbox-relay-test-").tempdir().unwrap().keep();
+    let dir = tempfile::Builder::new()
+        .prefix("outbox-relay-test-")
+        .tempdir()
+        .unwrap()
+        .keep();
     if let Some((uid, gid)) = ids {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
     }
@@ -127,11 +170,25 @@ fn start_servers() -> Servers {
         std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).unwrap();
     }
     let out = as_postgres(&mut Command::new(bin.join("initdb")), ids)
-        .args(["-D", data.to_str().unwrap(), "-U", "postgres", "-E", "UTF8", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256"])
+        .args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        ])
         .arg(format!("--pwfile={}", pwfile.display()))
         .output()
         .expect("initdb");
-    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // First match wins: per-user methods for the authentication tests, SCRAM for the rest.
     let hba = "local all all trust\n\
                host all trust_user 127.0.0.1/32 trust\n\
@@ -143,16 +200,44 @@ fn start_servers() -> Servers {
     let pg_port = free_port();
     let pg_log = dir.join("postgres.log");
     let args: Vec<String> = [
-        "-D", data.to_str().unwrap(), "-p", &pg_port.to_string(), "-k", dir.to_str().unwrap(),
-        "-c", "listen_addresses=127.0.0.1", "-c", "wal_level=logical", "-c", "max_wal_senders=64",
-        "-c", "max_replication_slots=64", "-c", "wal_sender_timeout=10s", "-c", "fsync=off",
-        "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
-        "-c", "logical_decoding_work_mem=64kB",
+        "-D",
+        data.to_str().unwrap(),
+        "-p",
+        &pg_port.to_string(),
+        "-k",
+        dir.to_str().unwrap(),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "wal_level=logical",
+        "-c",
+        "max_wal_senders=64",
+        "-c",
+        "max_replication_slots=64",
+        "-c",
+        "wal_sender_timeout=10s",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=200",
+        "-c",
+        "logical_decoding_work_mem=64kB",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let pg = supervise(&bin.join("postgres"), &args, "INT", &format!("rm -rf '{}'", dir.display()), ids, &pg_log);
+    let pg = supervise(
+        &bin.join("postgres"),
+        &args,
+        "INT",
+        &format!("rm -rf '{}'", dir.display()),
+        ids,
+        &pg_log,
+    );
     wait_port(pg_port, "PostgreSQL", &pg_log);
 
     let kafka_port = free_port();
@@ -160,7 +245,15 @@ fn start_servers() -> Servers {
     let tansu_log = std::env::temp_dir().join(format!("outbox-relay-tansu-{kafka_port}.log"));
     let tansu = supervise(
         &tansu_bin(),
-        &["broker".into(), "--listener-url".into(), url.clone(), "--advertised-listener-url".into(), url, "--storage-engine".into(), "memory://tansu/".into()],
+        &[
+            "broker".into(),
+            "--listener-url".into(),
+            url.clone(),
+            "--advertised-listener-url".into(),
+            url,
+            "--storage-engine".into(),
+            "memory://tansu/".into(),
+        ],
         "TERM",
         &format!("rm -f '{}'", tansu_log.display()),
         None,
@@ -168,15 +261,27 @@ fn start_servers() -> Servers {
     );
     wait_port(kafka_port, "tansu", &tansu_log);
 
-    let s = Servers { pg_port, pg_socket_dir: dir, brokers: format!("127.0.0.1:{kafka_port}"), watchdogs: Mutex::new(vec![pg, tansu]) };
+    let s = Servers {
+        pg_port,
+        pg_socket_dir: dir,
+        brokers: format!("127.0.0.1:{kafka_port}"),
+        watchdogs: Mutex::new(vec![pg, tansu]),
+    };
     // Wait until PostgreSQL accepts queries, not just connections.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ok = Command::new(bin.join("pg_isready")).args(["-h", "127.0.0.1", "-p", &pg_port.to_string()]).output().map(|o| o.status.success());
+        let ok = Command::new(bin.join("pg_isready"))
+            .args(["-h", "127.0.0.1", "-p", &pg_port.to_string()])
+            .output()
+            .map(|o| o.status.success());
         if matches!(ok, Ok(true)) {
             break;
         }
-        assert!(Instant::now() < deadline, "PostgreSQL not ready: {}", std::fs::read_to_string(&pg_log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL not ready: {}",
+            std::fs::read_to_string(&pg_log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     s
@@ -189,11 +294,16 @@ impl Servers {
     }
 
     pub fn url_for(&self, user: &str, password: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/postgres", self.pg_port)
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/postgres",
+            self.pg_port
+        )
     }
 
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.expect("connect to test PostgreSQL");
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test PostgreSQL");
         tokio::spawn(conn);
         client
     }
@@ -217,11 +327,15 @@ impl TestCase {
         let s = servers();
         let c = s.sql().await;
         let table = format!("outbox_{name}");
-        let ddl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/001_outbox.sql"))
-            .unwrap()
-            .replace("public.outbox", &format!("public.{table}"));
+        let ddl =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/001_outbox.sql"))
+                .unwrap()
+                .replace("public.outbox", &format!("public.{table}"));
         c.batch_execute(&ddl).await.unwrap();
-        TestCase { name: name.to_string(), table }
+        TestCase {
+            name: name.to_string(),
+            table,
+        }
     }
 
     /// Config text for this test; `extra` is appended (more keys or sections).
@@ -243,7 +357,20 @@ impl TestCase {
     }
 
     pub fn config_with(&self, brokers: &str, extra_kafka: &str) -> Config {
-        Config::from_toml(&self.config_text(brokers, extra_kafka), Path::new("test.toml"), |_| None).unwrap()
+        Config::from_toml(
+            &self.config_text(brokers, extra_kafka),
+            Path::new("test.toml"),
+            |_| None,
+        )
+        .unwrap()
+    }
+
+    /// Config for a broker whose topics the test creates itself (MockCluster).
+    pub fn config_precreated_topics(&self, brokers: &str, extra_kafka: &str) -> Config {
+        let text = self
+            .config_text(brokers, extra_kafka)
+            .replace("create_topics = true", "create_topics = false");
+        Config::from_toml(&text, Path::new("test.toml"), |_| None).unwrap()
     }
 
     pub fn topic(&self, aggregate_type: &str) -> String {
@@ -254,10 +381,15 @@ impl TestCase {
     pub async fn confirmed(&self) -> Lsn {
         let c = servers().sql().await;
         let row = c
-            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&self.name])
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
             .await
             .unwrap();
-        row.and_then(|r| r.get::<_, Option<String>>(0)).map(|s| s.parse().unwrap()).unwrap_or(Lsn::ZERO)
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(Lsn::ZERO)
     }
 }
 
@@ -269,16 +401,52 @@ pub struct RunningRelay {
 }
 
 pub fn spawn_relay(cfg: Config) -> RunningRelay {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let stats = Arc::new(Stats::default());
     let (stop, rx) = watch::channel(false);
     let handle = tokio::spawn(relay::run(cfg, stats.clone(), rx));
-    RunningRelay { stats, stop, handle }
+    RunningRelay {
+        stats,
+        stop,
+        handle,
+    }
+}
+
+/// Spawns a relay and waits until it streams from its slot (so later inserts are captured).
+pub async fn start_relay(cfg: Config) -> RunningRelay {
+    let relay = spawn_relay(cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay
+        .stats
+        .active
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        assert!(
+            !relay.is_finished(),
+            "relay stopped before streaming: {:?}",
+            relay.join().await
+        );
+        assert!(
+            Instant::now() < deadline,
+            "relay did not start streaming within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay
 }
 
 impl RunningRelay {
     pub async fn stop(self) -> Result<(), RelayError> {
         let _ = self.stop.send(true);
-        tokio::time::timeout(Duration::from_secs(30), self.handle).await.expect("relay did not stop in 30 s").unwrap()
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("relay did not stop in 30 s")
+            .unwrap()
     }
 
     pub fn is_finished(&self) -> bool {
@@ -286,7 +454,10 @@ impl RunningRelay {
     }
 
     pub async fn join(self) -> Result<(), RelayError> {
-        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("relay did not stop").unwrap()
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("relay did not stop")
+            .unwrap()
     }
 }
 
@@ -298,7 +469,10 @@ where
 {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -316,7 +490,11 @@ pub struct Consumed {
 
 impl Consumed {
     pub fn header(&self, k: &str) -> Option<&str> {
-        self.headers.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -331,11 +509,14 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .unwrap();
         let parts = md.topics()[0].partitions().len();
         assert!(parts > 0, "topic {t} has no partitions");
         for p in 0..parts as i32 {
-            tpl.add_partition_offset(t, p, rdkafka::Offset::Beginning).unwrap();
+            tpl.add_partition_offset(t, p, rdkafka::Offset::Beginning)
+                .unwrap();
         }
     }
     consumer.assign(&tpl).unwrap();
@@ -345,10 +526,15 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+                let text =
+                    |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
                 let headers = m
                     .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_string(), text(h.value))).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), text(h.value)))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 out.push(Consumed {
                     topic: m.topic().to_string(),

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs outbox-relay in the foreground against a local PostgreSQL and Kafka-protocol
+# broker, starting both if they are not already listening:
+#   deploy/dev/run-local.sh          start what is missing, apply sql/, run the relay
+#   deploy/dev/run-local.sh stop     stop the PostgreSQL and tansu this script started
+#
+# PostgreSQL listens on 127.0.0.1:${PGPORT:-54329} (data in .local/pg, trust auth: for
+# development only), the broker on 127.0.0.1:${KAFKA_PORT:-9092} (tansu, in memory).
+# If something already listens on a port it is used as is: it must be a PostgreSQL
+# with wal_level=logical, or a Kafka broker.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+STATE="$ROOT/.local"
+PGPORT=${PGPORT:-54329}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+mkdir -p "$STATE"
+
+log() { echo "run-local: $*" >&2; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pgbin() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }
+
+if [ "${1:-}" = stop ]; then
+  [ -f "$STATE/pg/data/postmaster.pid" ] && as_pg "$(pgbin)/pg_ctl" -D "$STATE/pg/data" -m fast stop || true
+  [ -f "$STATE/tansu.pid" ] && kill "$(cat "$STATE/tansu.pid")" 2>/dev/null && rm -f "$STATE/tansu.pid" || true
+  log "stopped"
+  exit 0
+fi
+
+TANSU=$(deploy/dev/install-deps.sh | tail -n 1)
+BIN=$(pgbin)
+
+if ! listening "$PGPORT"; then
+  if [ ! -f "$STATE/pg/data/PG_VERSION" ]; then
+    log "creating a PostgreSQL cluster in $STATE/pg"
+    mkdir -p "$STATE/pg"
+    [ "$(id -u)" = 0 ] && chown postgres: "$STATE/pg"
+    as_pg "$BIN/initdb" -D "$STATE/pg/data" -U postgres -E UTF8 --auth=trust >/dev/null
+  fi
+  log "starting PostgreSQL on 127.0.0.1:$PGPORT"
+  as_pg "$BIN/pg_ctl" -D "$STATE/pg/data" -l "$STATE/pg/postgres.log" -w start -o \
+    "-p $PGPORT -k $STATE/pg -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10" >/dev/null
+fi
+
+if ! listening "$KAFKA_PORT"; then
+  log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+  nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
+  echo $! >"$STATE/tansu.pid"
+  for _ in $(seq 100); do listening "$KAFKA_PORT" && break; sleep 0.1; done
+fi
+
+URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres"
+psql "$URL" -qX -v ON_ERROR_STOP=1 -f sql/001_outbox.sql
+
+cat >"$STATE/relay.toml" <<TOML
+# Written by deploy/dev/run-local.sh
+[postgres]
+url = "$URL"
+
+[kafka]
+brokers = "127.0.0.1:$KAFKA_PORT"
+# tansu does not create topics on first use; a real cluster may.
+create_topics = true
+TOML
+
+cat >&2 <<TXT
+
+run-local: PostgreSQL $URL, broker 127.0.0.1:$KAFKA_PORT, config $STATE/relay.toml
+run-local: in another terminal, insert an event:
+  psql "$URL" -c "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'order-1', 'OrderPlaced', '{\"total\": 42}')"
+run-local: and watch it arrive:
+  cargo run --example consume -- 127.0.0.1:$KAFKA_PORT outbox.event.order
+run-local: stop the relay with Ctrl-C; stop the servers with: deploy/dev/run-local.sh stop
+
+TXT
+cargo build --release --locked --quiet
+exec target/release/outbox-relay run --config "$STATE/relay.toml"
