@@ -194,3 +194,179 @@ async fn updates_deletes_and_other_tables_produce_nothing() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_pauses_reading_and_loses_nothing() {
+    let tc = TestCase::new("backpressure").await;
+    let s = servers();
+    // A queue of 5 records forces QueueFull on nearly every send.
+    let relay = start_relay(tc.config_with(
+        &s.brokers,
+        "[kafka.properties]\n\"queue.buffering.max.messages\" = 5\n\"linger.ms\" = 20\n",
+    ))
+    .await;
+    let db = s.sql().await;
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload)
+         SELECT 'bp', 'k' || (i % 7), 'E', jsonb_build_object('seq', i, 'pad', repeat('p', 500)) FROM generate_series(1, 3000) i",
+        t = tc.table
+    ))
+    .await
+    .unwrap();
+    let end: Lsn = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    eventually(120, "backlog drained and confirmed", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    let got = consume_all(&s.brokers, &[tc.topic("bp")], 3000);
+    assert_eq!(got.len(), 3000);
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in &got {
+        let v: serde_json::Value = serde_json::from_str(&r.value).unwrap();
+        per_key
+            .entry(r.key.clone())
+            .or_default()
+            .push(v["seq"].as_i64().unwrap());
+    }
+    for (k, seqs) in per_key {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {k} out of order");
+    }
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_added_mid_stream_keeps_flowing_and_bytea_payloads_are_raw() {
+    let tc = TestCase::new("altered").await;
+    let s = servers();
+    let relay = start_relay(tc.config()).await;
+    let db = s.sql().await;
+    let t = &tc.table;
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload) VALUES ('alt', 'a', 'Before', '{{\"n\": 1}}');
+         ALTER TABLE {t} ADD COLUMN tenant text;
+         INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload, tenant) VALUES ('alt', 'a', 'After', '{{\"n\": 2}}', 'acme');"
+    ))
+    .await
+    .unwrap();
+    eventually(30, "both rows acknowledged", || async {
+        relay
+            .stats
+            .events_acked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    let got = consume_all(&s.brokers, &[tc.topic("alt")], 2);
+    let types: Vec<_> = got
+        .iter()
+        .map(|r| r.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["Before", "After"]);
+    relay.stop().await.unwrap();
+
+    // A bytea payload column is sent as the raw bytes, not PostgreSQL's hex text.
+    db.batch_execute(&format!(
+        "ALTER TABLE {t} ALTER COLUMN payload TYPE bytea USING convert_to(payload::text, 'UTF8');
+         INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload) VALUES ('alt', 'b', 'Bytes', '\\x00ff41'::bytea);"
+    ))
+    .await
+    .unwrap();
+    let relay = start_relay(tc.config()).await;
+    eventually(30, "bytea row acknowledged", || async {
+        relay
+            .stats
+            .events_acked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    relay.stop().await.unwrap();
+    let consumer_raw = consume_raw_values(&s.brokers, &tc.topic("alt"), 3);
+    assert!(consumer_raw.contains(&vec![0x00, 0xff, 0x41]), "raw bytea value among {consumer_raw:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_row() {
+    let tc = TestCase::new("badrow").await;
+    let s = servers();
+    let db = s.sql().await;
+    let t = &tc.table;
+    db.batch_execute(&format!(
+        "ALTER TABLE {t} ALTER COLUMN aggregate_id DROP NOT NULL"
+    ))
+    .await
+    .unwrap();
+    let relay = start_relay(tc.config()).await;
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload) VALUES ('bad', 'ok', 'Good', '{{}}');"
+    ))
+    .await
+    .unwrap();
+    let good_end: Lsn = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (id, aggregate_type, aggregate_id, event_type, payload) VALUES ('00000000-0000-4000-8000-0000000000aa', 'bad', NULL, 'Bad', '{{}}');"
+    ))
+    .await
+    .unwrap();
+    let err = relay.join().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(err.is_fatal());
+    assert!(msg.contains("NULL in column \"aggregate_id\""), "{msg}");
+    assert!(
+        msg.contains("00000000-0000-4000-8000-0000000000aa"),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing past this row is confirmed"), "{msg}");
+    let confirmed = tc.confirmed().await;
+    assert!(
+        confirmed >= good_end,
+        "the good row before it was confirmed"
+    );
+    let bad_commit: Lsn = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    assert!(
+        confirmed < bad_commit,
+        "slot {confirmed} must stay before the bad row"
+    );
+
+    // Restarting hits the same row again: it is never skipped silently.
+    let err = spawn_relay(tc.config()).join().await.unwrap_err();
+    assert!(err.to_string().contains("NULL in column \"aggregate_id\""));
+
+    // A configured column renamed away is named in the error with the setting to change.
+    db.batch_execute(&format!(
+        "DELETE FROM {t}; ALTER TABLE {t} RENAME COLUMN event_type TO kind"
+    ))
+    .await
+    .unwrap();
+    let tc2 = TestCase {
+        name: "badrow2".into(),
+        table: tc.table.clone(),
+    };
+    let relay = start_relay(tc2.config()).await;
+    db.batch_execute(&format!("INSERT INTO {t} (aggregate_type, aggregate_id, kind, payload) VALUES ('bad', 'x', 'K', '{{}}')")).await.unwrap();
+    let err = relay.join().await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "column \"event_type\" not found in table \"public.{t}\""
+        )) && err.to_string().contains("set outbox.columns.event_type"),
+        "{err}"
+    );
+}

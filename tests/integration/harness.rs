@@ -557,3 +557,36 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
     out.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
     out
 }
+
+/// Raw values of a topic in partition/offset order.
+pub fn consume_raw_values(brokers: &str, topic: &str, expected: usize) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-relay-tests")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    out.sort();
+    out.into_iter().map(|(_, _, v)| v).collect()
+}
