@@ -288,7 +288,10 @@ async fn column_added_mid_stream_keeps_flowing_and_bytea_payloads_are_raw() {
     .await;
     relay.stop().await.unwrap();
     let consumer_raw = consume_raw_values(&s.brokers, &tc.topic("alt"), 3);
-    assert!(consumer_raw.contains(&vec![0x00, 0xff, 0x41]), "raw bytea value among {consumer_raw:?}");
+    assert!(
+        consumer_raw.contains(&vec![0x00, 0xff, 0x41]),
+        "raw bytea value among {consumer_raw:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
