@@ -104,7 +104,7 @@ async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
     })
     .await;
     let current: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
@@ -128,7 +128,7 @@ async fn writes_to_other_tables_advance_the_slot_while_the_outbox_is_idle() {
     .await
     .unwrap();
     let after_write: Lsn = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)
@@ -214,7 +214,7 @@ async fn a_full_producer_queue_pauses_reading_and_loses_nothing() {
     .await
     .unwrap();
     let end: Lsn = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)
@@ -312,7 +312,7 @@ async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_
     .await
     .unwrap();
     let good_end: Lsn = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)
@@ -338,7 +338,7 @@ async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_
         "the good row before it was confirmed"
     );
     let bad_commit: Lsn = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)

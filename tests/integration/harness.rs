@@ -498,22 +498,42 @@ impl Consumed {
     }
 }
 
-/// Reads every record of `topics` (all partitions, from the beginning) until
-/// `expected` records were read and nothing more arrives for a moment, or 60 s pass.
+/// Reads `topics` (all partitions, from the beginning) until at least
+/// `expected` records were read, then until nothing more arrives for a second.
 pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Consumed> {
+    consume_until(brokers, topics, |got| got.len() >= expected)
+}
+
+/// Reads `topics` (all partitions, from the beginning) until `complete` holds
+/// for what was read, then until nothing more arrives for a second; 90 s at most.
+/// Offsets are not assumed dense (tansu's are not), so watermarks are not used.
+pub fn consume_until(
+    brokers: &str,
+    topics: &[String],
+    complete: impl Fn(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-relay-tests")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .unwrap();
-        let parts = md.topics()[0].partitions().len();
-        assert!(parts > 0, "topic {t} has no partitions");
+        // Metadata of a just-created topic can briefly show no partitions.
+        let parts = loop {
+            let n = consumer
+                .fetch_metadata(Some(t), Duration::from_secs(10))
+                .ok()
+                .map(|md| md.topics()[0].partitions().len())
+                .unwrap_or(0);
+            if n > 0 {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "topic {t} has no partitions");
+            std::thread::sleep(Duration::from_millis(200));
+        };
         for p in 0..parts as i32 {
             tpl.add_partition_offset(t, p, rdkafka::Offset::Beginning)
                 .unwrap();
@@ -521,8 +541,8 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut quiet_since = Instant::now();
+    let mut completed = false;
+    let mut last_record = Instant::now();
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -544,11 +564,12 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
                     value: text(m.payload()),
                     headers,
                 });
-                quiet_since = Instant::now();
+                last_record = Instant::now();
+                completed = completed || complete(&out);
             }
             Some(Err(e)) => panic!("consumer error: {e}"),
             None => {
-                if out.len() >= expected && quiet_since.elapsed() > Duration::from_millis(700) {
+                if completed && last_record.elapsed() > Duration::from_secs(1) {
                     break;
                 }
             }
