@@ -2,13 +2,19 @@
 //!
 //! Checks `wal_level`, the role's REPLICATION attribute and the outbox table,
 //! creates the publication (`FOR TABLE .. WITH (publish = 'insert')`) and the
-//! pgoutput slot when missing, and reads the slot's state. It does not stream
-//! (see `replication`).
+//! pgoutput slot when missing, reads the slot's state ([`slot_report`], also
+//! for the metrics poller) and builds the DDL that `init` runs. It does not
+//! stream (see `replication`) nor decide what the admin commands print (see
+//! `admin`).
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{quote_ident, Config, TableName};
+use crate::config::{quote_ident, quote_literal, Config, TableName};
 use crate::lsn::Lsn;
+use crate::outbox::MappingError;
+
+/// `sql/001_outbox.sql`, the outbox table as shipped (named `public.outbox`).
+pub const OUTBOX_SQL: &str = include_str!("../sql/001_outbox.sql");
 
 /// A problem found before streaming.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +28,9 @@ pub enum SetupError {
     },
     #[error("wal_level is {actual:?}, logical replication needs \"logical\"; run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL")]
     WalLevel { actual: String },
-    #[error("role {role:?} lacks the REPLICATION attribute; run ALTER ROLE {role} REPLICATION; as a superuser")]
-    NoReplication { role: String },
+    /// `role_sql` is the role name as SQL (quoted by the server where needed).
+    #[error("role {role:?} lacks the REPLICATION attribute; run ALTER ROLE {role_sql} REPLICATION; as a superuser")]
+    NoReplication { role: String, role_sql: String },
     #[error(
         "table \"{table}\" does not exist; create it with sql/001_outbox.sql or set outbox.table"
     )]
@@ -43,18 +50,86 @@ pub enum SetupError {
     },
     #[error("replication slot {name:?} is lost (wal_status = lost): PostgreSQL removed WAL it still needed, so events committed while it was behind may be missing from Kafka; check the outbox table for rows not in Kafka, then drop and recreate the slot")]
     SlotLost { name: String },
+    /// `max_replication_slots` or `max_wal_senders` leaves nothing for the relay.
+    #[error("{}", capacity_message(.setting, *.max, *.in_use))]
+    NoCapacity {
+        setting: &'static str,
+        max: i64,
+        in_use: i64,
+    },
+    #[error("role {role:?} lacks SELECT on table \"{table}\"; run GRANT SELECT ON {} TO {role_sql}; as the table's owner", .table.quoted())]
+    NoSelect {
+        role: String,
+        role_sql: String,
+        table: TableName,
+    },
+    #[error("schema {:?} of table \"{table}\" does not exist; run CREATE SCHEMA {}; or set outbox.table", schema_of(.table), schema_sql(.table))]
+    NoSchema { table: TableName },
+    #[error("table \"{table}\" does not exist and role {role:?} may not create tables in schema {:?}; run GRANT CREATE ON SCHEMA {} TO {role_sql}; or create the table with sql/001_outbox.sql as the schema's owner", schema_of(.table), schema_sql(.table))]
+    NoCreateOnSchema {
+        role: String,
+        role_sql: String,
+        table: TableName,
+    },
+    #[error("publication {publication:?} does not exist and role {role:?} may not create publications in database {database:?}; run GRANT CREATE ON DATABASE {database_sql} TO {role_sql}; or create the publication as a superuser")]
+    NoCreateOnDatabase {
+        role: String,
+        role_sql: String,
+        database: String,
+        database_sql: String,
+        publication: String,
+    },
+    #[error("publication {publication:?} does not exist and only the owner of table \"{table}\" ({owner_sql}) or a superuser may create it; run ALTER TABLE {} OWNER TO {role_sql}; or run CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'); as {owner_sql}", .table.quoted(), quote_ident(.publication), .table.quoted())]
+    NotTableOwner {
+        role_sql: String,
+        table: TableName,
+        /// The owner's name as SQL (quoted by the server where needed).
+        owner_sql: String,
+        publication: String,
+    },
+    #[error("publication {name:?} does not publish inserts; run ALTER PUBLICATION {} SET (publish = 'insert');", quote_ident(.name))]
+    PublicationNoInsert { name: String },
+    /// The configured columns do not match the table (or the table `init` would create).
+    #[error(transparent)]
+    Columns(MappingError),
 }
 
-/// Database errors print their own message, never the connection string.
+fn schema_of(t: &TableName) -> &str {
+    &t.schema
+}
+
+fn schema_sql(t: &TableName) -> String {
+    quote_ident(&t.schema)
+}
+
+/// Explains a setting that leaves no slot or walsender for the relay, and how to raise it.
+fn capacity_message(setting: &str, max: i64, in_use: i64) -> String {
+    if max <= 0 {
+        return format!("{setting} is {max}, logical replication needs at least 1; run ALTER SYSTEM SET {setting} = 10; and restart PostgreSQL");
+    }
+    let free = if setting == "max_replication_slots" {
+        "drop an unused slot (see pg_replication_slots)"
+    } else {
+        "end an unused replication connection (see pg_stat_replication)"
+    };
+    format!(
+        "{setting} is {max} and {in_use} in use, none left for the relay; {free} or run ALTER SYSTEM SET {setting} = {}; and restart PostgreSQL",
+        in_use.max(max) + 1
+    )
+}
+
+/// Database errors print their own message, others their cause (an I/O error,
+/// "connection refused"); never the connection string.
 fn redact(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!(
             "{} {}: {}",
             db.severity().to_lowercase(),
             db.code().code(),
             db.message()
         ),
-        None => e.to_string(),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
     }
 }
 
@@ -93,7 +168,7 @@ pub async fn sql_connect(cfg: &tokio_postgres::Config) -> Result<Client, SetupEr
     Ok(client)
 }
 
-fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     move |source| SetupError::Query { context, source }
 }
 
@@ -101,26 +176,83 @@ fn parse_lsn(s: Option<String>) -> Lsn {
     s.and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO)
 }
 
-/// Checks the server and role, creates what is missing, and returns the slot's state.
-pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupError> {
-    let table = cfg.table().expect("validated");
+/// The connected role, as far as the checks need it.
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: String,
+    /// The name as SQL: `quote_ident(current_user)`.
+    pub name_sql: String,
+    pub replication: bool,
+    pub superuser: bool,
+    pub database: String,
+    /// The database name as SQL: `quote_ident(current_database())`.
+    pub database_sql: String,
+    /// CREATE on the current database (needed to create a publication).
+    pub create_on_database: bool,
+}
+
+impl Role {
+    /// The REPLICATION check (superusers may replicate without the attribute).
+    pub fn check_replication(&self) -> Result<(), SetupError> {
+        if self.replication || self.superuser {
+            Ok(())
+        } else {
+            Err(SetupError::NoReplication {
+                role: self.name.clone(),
+                role_sql: self.name_sql.clone(),
+            })
+        }
+    }
+}
+
+/// Reads `wal_level` and fails unless it is `logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
         .await
         .map_err(q("reading wal_level"))?
         .get(0);
-    if wal_level != "logical" {
-        return Err(SetupError::WalLevel { actual: wal_level });
+    wal_level_ok(wal_level)
+}
+
+/// `Ok` for `logical`, else the error that says how to change it.
+pub fn wal_level_ok(actual: String) -> Result<(), SetupError> {
+    if actual == "logical" {
+        Ok(())
+    } else {
+        Err(SetupError::WalLevel { actual })
     }
+}
+
+/// Reads the connected role's attributes and database privileges.
+pub async fn read_role(client: &Client) -> Result<Role, SetupError> {
     let row = client
-        .query_one("SELECT current_user::text, rolreplication OR rolsuper, current_database()::text FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT current_user::text, quote_ident(current_user), rolreplication, rolsuper,
+                    current_database()::text, quote_ident(current_database()),
+                    has_database_privilege(current_database(), 'CREATE')
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(q("reading the role's attributes"))?;
-    let (role, can_replicate, database): (String, bool, String) =
-        (row.get(0), row.get(1), row.get(2));
-    if !can_replicate {
-        return Err(SetupError::NoReplication { role });
-    }
+    Ok(Role {
+        name: row.get(0),
+        name_sql: row.get(1),
+        replication: row.get(2),
+        superuser: row.get(3),
+        database: row.get(4),
+        database_sql: row.get(5),
+        create_on_database: row.get(6),
+    })
+}
+
+/// Checks the server and role, creates what is missing, and returns the slot's state.
+pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupError> {
+    let table = cfg.table().expect("validated");
+    check_wal_level(client).await?;
+    let role = read_role(client).await?;
+    role.check_replication()?;
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
         .await
@@ -130,7 +262,55 @@ pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupEr
         return Err(SetupError::NoTable { table });
     }
     ensure_publication(client, cfg, &table).await?;
-    ensure_slot(client, cfg, &database).await
+    ensure_slot(client, cfg, &role.database).await
+}
+
+/// `CREATE TABLE IF NOT EXISTS` of `sql/001_outbox.sql` for `table`, on one line, without `;`.
+pub fn create_table_sql(table: &TableName) -> String {
+    outbox_sql_one_line().replacen("public.outbox", &table.quoted(), 1)
+}
+
+/// The columns `sql/001_outbox.sql` creates, in order.
+pub fn outbox_sql_columns() -> Vec<String> {
+    let sql = outbox_sql_one_line();
+    let body = &sql[sql.find('(').map_or(0, |i| i + 1)..sql.rfind(')').unwrap_or(sql.len())];
+    body.split(',')
+        .filter_map(|def| def.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The shipped statement without comments, whitespace collapsed, without the `;`.
+fn outbox_sql_one_line() -> String {
+    let code: Vec<&str> = OUTBOX_SQL
+        .lines()
+        .map(|l| l.split("--").next().unwrap_or(""))
+        .collect();
+    code.join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("( ", "(")
+        .replace(" )", ")")
+        .trim_end_matches(';')
+        .to_string()
+}
+
+/// `CREATE PUBLICATION` for the relay (inserts only), without `;`.
+pub fn create_publication_sql(publication: &str, table: &TableName) -> String {
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+        quote_ident(publication),
+        table.quoted()
+    )
+}
+
+/// Creates the pgoutput slot, without `;`.
+pub fn create_slot_sql(slot: &str) -> String {
+    format!(
+        "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+        quote_literal(slot)
+    )
 }
 
 async fn ensure_publication(
@@ -150,11 +330,7 @@ async fn ensure_publication(
                 table: table.clone(),
             });
         }
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
-            quote_ident(name),
-            table.quoted()
-        );
+        let sql = create_publication_sql(name, table);
         match client.batch_execute(&sql).await {
             Ok(()) => tracing::info!(publication = %name, table = %table, "created publication"),
             // Another relay instance created it at the same moment.
@@ -255,4 +431,249 @@ async fn ensure_slot(
         return Err(SetupError::SlotLost { name: name.clone() });
     }
     Ok(state)
+}
+
+/// The server's WAL position: `pg_current_wal_lsn()`, or on a standby the last replayed position.
+const CURRENT_WAL_SQL: &str = "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
+
+/// A slot's progress, for `status` and the metrics poller.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotReport {
+    pub slot: String,
+    /// A walsender streams from the slot right now.
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    /// Everything before it was confirmed; `0/0` if the server reports none.
+    pub confirmed_flush: Lsn,
+    /// Oldest WAL the slot still needs; `0/0` once the slot is lost.
+    pub restart_lsn: Lsn,
+    /// The server's WAL position when the report was read.
+    pub current_wal: Lsn,
+    /// `current_wal - restart_lsn`: WAL kept on disk for this slot (0 if `restart_lsn` is unknown).
+    pub retained_wal_bytes: u64,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+}
+
+impl SlotReport {
+    /// Bytes of WAL written since the confirmed position (0 if there is none).
+    pub fn lag_bytes(&self) -> u64 {
+        if self.confirmed_flush.is_zero() {
+            0
+        } else {
+            self.current_wal.bytes_since(self.confirmed_flush)
+        }
+    }
+}
+
+/// Reads the slot and the server's WAL position in one query; `None` if the slot does not exist.
+pub async fn slot_report(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotReport>, SetupError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, wal_status, {CURRENT_WAL_SQL}
+                 FROM pg_replication_slots WHERE slot_name = $1"
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(q("reading the replication slot"))?;
+    Ok(row.map(|r| {
+        let restart_lsn = parse_lsn(r.get(3));
+        let current_wal = parse_lsn(r.get(5));
+        SlotReport {
+            slot: slot.to_string(),
+            active: r.get(0),
+            active_pid: r.get(1),
+            confirmed_flush: parse_lsn(r.get(2)),
+            restart_lsn,
+            current_wal,
+            retained_wal_bytes: if restart_lsn.is_zero() {
+                0
+            } else {
+                current_wal.bytes_since(restart_lsn)
+            },
+            wal_status: r.get(4),
+        }
+    }))
+}
+
+/// The server's WAL position (see [`SlotReport::current_wal`]).
+pub async fn current_wal(client: &Client) -> Result<Lsn, SetupError> {
+    let row = client
+        .query_one(&format!("SELECT {CURRENT_WAL_SQL}"), &[])
+        .await
+        .map_err(q("reading the current WAL position"))?;
+    Ok(parse_lsn(row.get(0)))
+}
+
+/// The tables (`schema.table`) a publication publishes; `None` if it does not exist.
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<Vec<String>>, SetupError> {
+    let rows = client
+        .query(
+            "SELECT t.schemaname::text || '.' || t.tablename::text
+             FROM pg_publication p LEFT JOIN pg_publication_tables t ON t.pubname = p.pubname
+             WHERE p.pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await
+        .map_err(q("reading the publication's tables"))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(schema: &str, name: &str) -> TableName {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn create_table_sql_is_the_shipped_statement_on_one_line_under_the_configured_name() {
+        let code: String = OUTBOX_SQL
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect();
+        assert_eq!(
+            code.matches("public.outbox").count(),
+            1,
+            "sql/001_outbox.sql must name the table exactly once"
+        );
+        let sql = create_table_sql(&table("app", "Events \"v2\""));
+        assert!(
+            sql.starts_with(r#"CREATE TABLE IF NOT EXISTS "app"."Events ""v2""" (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregate_type text NOT NULL,"#),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("created_at timestamptz NOT NULL DEFAULT now())"),
+            "{sql}"
+        );
+        assert!(!sql.contains('\n') && !sql.contains("--") && !sql.contains(';'));
+        assert!(!sql.contains("public.outbox"));
+    }
+
+    #[test]
+    fn shipped_columns_are_parsed_from_the_sql() {
+        assert_eq!(
+            outbox_sql_columns(),
+            [
+                "id",
+                "aggregate_type",
+                "aggregate_id",
+                "event_type",
+                "payload",
+                "headers",
+                "created_at"
+            ]
+        );
+    }
+
+    #[test]
+    fn publication_and_slot_statements_quote_names() {
+        assert_eq!(
+            create_publication_sql("outbox_relay", &table("public", "outbox")),
+            r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "public"."outbox" WITH (publish = 'insert')"#
+        );
+        assert_eq!(
+            create_slot_sql("outbox_relay"),
+            "SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')"
+        );
+    }
+
+    #[test]
+    fn failed_checks_say_what_to_change() {
+        let msg = wal_level_ok("replica".into()).unwrap_err().to_string();
+        assert!(msg.starts_with("wal_level is \"replica\""), "{msg}");
+        assert!(
+            msg.contains("run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"),
+            "{msg}"
+        );
+        assert!(wal_level_ok("logical".into()).is_ok());
+
+        let cases: Vec<(SetupError, &str)> = vec![
+            (
+                SetupError::NoReplication { role: "user".into(), role_sql: "\"user\"".into() },
+                "role \"user\" lacks the REPLICATION attribute; run ALTER ROLE \"user\" REPLICATION; as a superuser",
+            ),
+            (
+                SetupError::NoCapacity { setting: "max_replication_slots", max: 0, in_use: 0 },
+                "max_replication_slots is 0, logical replication needs at least 1; run ALTER SYSTEM SET max_replication_slots = 10; and restart PostgreSQL",
+            ),
+            (
+                SetupError::NoCapacity { setting: "max_replication_slots", max: 4, in_use: 4 },
+                "max_replication_slots is 4 and 4 in use, none left for the relay; drop an unused slot (see pg_replication_slots) or run ALTER SYSTEM SET max_replication_slots = 5; and restart PostgreSQL",
+            ),
+            (
+                SetupError::NoCapacity { setting: "max_wal_senders", max: 2, in_use: 2 },
+                "end an unused replication connection (see pg_stat_replication) or run ALTER SYSTEM SET max_wal_senders = 3;",
+            ),
+            (
+                SetupError::NoSelect { role: "relay".into(), role_sql: "relay".into(), table: table("public", "outbox") },
+                "role \"relay\" lacks SELECT on table \"public.outbox\"; run GRANT SELECT ON \"public\".\"outbox\" TO relay; as the table's owner",
+            ),
+            (
+                SetupError::NoSchema { table: table("app", "outbox") },
+                "schema \"app\" of table \"app.outbox\" does not exist; run CREATE SCHEMA \"app\"; or set outbox.table",
+            ),
+            (
+                SetupError::NoCreateOnSchema { role: "relay".into(), role_sql: "relay".into(), table: table("app", "outbox") },
+                "run GRANT CREATE ON SCHEMA \"app\" TO relay;",
+            ),
+            (
+                SetupError::NoCreateOnDatabase { role: "relay".into(), role_sql: "relay".into(), database: "app".into(), database_sql: "app".into(), publication: "p".into() },
+                "run GRANT CREATE ON DATABASE app TO relay;",
+            ),
+            (
+                SetupError::NotTableOwner { role_sql: "relay".into(), table: table("public", "outbox"), owner_sql: "app".into(), publication: "p".into() },
+                "run ALTER TABLE \"public\".\"outbox\" OWNER TO relay; or run CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert'); as app",
+            ),
+            (
+                SetupError::PublicationNoInsert { name: "p".into() },
+                "publication \"p\" does not publish inserts; run ALTER PUBLICATION \"p\" SET (publish = 'insert');",
+            ),
+        ];
+        for (err, expected) in cases {
+            let msg = err.to_string();
+            assert!(msg.contains(expected), "{msg:?} lacks {expected:?}");
+            assert!(!msg.ends_with('.'), "{msg}");
+            assert!(err.is_permanent());
+        }
+    }
+
+    #[test]
+    fn lag_is_measured_from_the_confirmed_position() {
+        let mut r = SlotReport {
+            slot: "s".into(),
+            active: false,
+            active_pid: None,
+            confirmed_flush: Lsn(100),
+            restart_lsn: Lsn(40),
+            current_wal: Lsn(160),
+            retained_wal_bytes: 120,
+            wal_status: Some("reserved".into()),
+        };
+        assert_eq!(r.lag_bytes(), 60);
+        r.confirmed_flush = Lsn::ZERO;
+        assert_eq!(r.lag_bytes(), 0);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["current_wal"], "0/A0");
+        assert_eq!(json["retained_wal_bytes"], 120);
+    }
 }

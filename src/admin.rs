@@ -1,0 +1,105 @@
+//! The administrative commands `init` and `status`: what they check, print and
+//! exit with.
+//!
+//! `init` reads the server's settings, the role's attributes and privileges and
+//! the existing objects, decides per item whether it is fine, missing (to be
+//! created) or a problem the user must fix ([`plan`], pure), and only when no
+//! check failed creates the outbox table, the publication and the slot.
+//! `status` prints the slot's progress. The SQL itself (queries and DDL) lives
+//! in `setup`; argument parsing lives in `cli`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::setup::{self, SetupError};
+
+mod init;
+mod status;
+
+pub use init::{inspect, plan, Facts, Item, ItemState, PublicationFacts, SlotFacts, TableFacts};
+#[cfg(test)]
+use status::{bytes, Status};
+
+/// `--help` footer of `init`.
+pub const INIT_HELP: &str = "Exit codes: 0 everything is in place (with --dry-run: no check failed), 1 PostgreSQL unreachable or a statement failed, 2 bad usage or configuration (including bad credentials) or a failed check; the check's line says what to change, and nothing is created while a check fails.
+
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
+
+/// `--help` footer of `status`.
+pub const STATUS_HELP: &str = "Exit codes: 0 the slot exists and is usable, 1 the slot is missing, lost (wal_status = lost) or not a pgoutput slot of this database, or PostgreSQL is unreachable (the reason is printed on stderr), 2 bad usage or configuration (including bad credentials).
+
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
+
+/// How long the admin commands wait for a connection unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `outbox-relay init`.
+pub fn init_main(cfg: &Config, dry_run: bool) -> ExitCode {
+    with_client(cfg, |client| async move {
+        let mut out = std::io::stdout().lock();
+        init::run(&client, cfg, dry_run, &mut out).await
+    })
+}
+
+/// Runs `outbox-relay status`; `config_path` goes into the hint for a missing slot.
+pub fn status_main(cfg: &Config, config_path: &Path, json: bool) -> ExitCode {
+    with_client(cfg, |client| async move {
+        let report = status::read(&client, cfg).await?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&report.json()).expect("serializable")
+            );
+        } else {
+            let _ = out.write_all(report.text().as_bytes());
+        }
+        Ok(report.problem(config_path).map(|reason| {
+            eprintln!("outbox-relay: {reason}");
+            1
+        }))
+    })
+}
+
+/// Connects, runs `f`, and turns its outcome into the exit code (`Some(code)` = failed).
+fn with_client<F, Fut>(cfg: &Config, f: F) -> ExitCode
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<u8>, SetupError>>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut pg = cfg.postgres_config().expect("validated");
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let result = rt.block_on(async {
+        let client = setup::sql_connect(&pg).await?;
+        f(client).await
+    });
+    match result {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(code)) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(if e.is_permanent() { 2 } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,427 @@
+//! `init`: reads what exists on the server ([`inspect`]), decides per item
+//! whether it is fine, missing or a problem ([`plan`], pure), and creates what
+//! is missing only when no check failed.
+
+use std::io::Write;
+
+use tokio_postgres::Client;
+
+use crate::config::{Config, TableName};
+use crate::outbox::OutboxTable;
+use crate::pgoutput::{Column, Relation};
+use crate::setup::{self, q, Role, SetupError};
+
+/// What `init` found on the server; everything [`plan`] needs.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub wal_level: String,
+    pub max_replication_slots: i64,
+    pub slots_in_use: i64,
+    pub max_wal_senders: i64,
+    pub wal_senders_in_use: i64,
+    pub role: Role,
+    pub table: TableFacts,
+    /// `None` if the publication does not exist.
+    pub publication: Option<PublicationFacts>,
+    /// `None` if the slot does not exist.
+    pub slot: Option<SlotFacts>,
+}
+
+#[derive(Debug, Clone)]
+pub enum TableFacts {
+    Exists {
+        /// The owner's name as SQL.
+        owner_sql: String,
+        /// The role is (a member of) the owner, or a superuser.
+        owned: bool,
+        select: bool,
+        columns: Vec<Column>,
+    },
+    Missing {
+        schema_exists: bool,
+        create_on_schema: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct PublicationFacts {
+    pub includes_table: bool,
+    pub publishes_insert: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SlotFacts {
+    pub plugin: String,
+    pub database: String,
+    pub active: bool,
+    pub wal_status: Option<String>,
+}
+
+/// One line of `init`'s output.
+#[derive(Debug)]
+pub struct Item {
+    pub label: String,
+    pub state: ItemState,
+}
+
+#[derive(Debug)]
+pub enum ItemState {
+    /// Fine as it is; the text says what was found.
+    Ok(String),
+    /// Missing; this statement (one line, no `;`) creates it.
+    Create(String),
+    /// The user must change something first.
+    Problem(SetupError),
+}
+
+/// Reads everything `init` checks.
+pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError> {
+    let table = cfg.table().expect("validated");
+    let settings = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int8,
+                    (SELECT count(*) FROM pg_replication_slots),
+                    current_setting('max_wal_senders')::int8,
+                    (SELECT count(*) FROM pg_stat_replication)",
+            &[],
+        )
+        .await
+        .map_err(q("reading the server's settings"))?;
+    let role = setup::read_role(client).await?;
+    let found = client
+        .query_opt(
+            "SELECT c.oid, quote_ident(pg_get_userbyid(c.relowner)),
+                    pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT')
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(q("looking up the outbox table"))?;
+    let table_facts = match found {
+        Some(row) => {
+            let oid: u32 = row.get(0);
+            let columns = client
+                .query(
+                    "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
+                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &[&oid],
+                )
+                .await
+                .map_err(q("reading the outbox table's columns"))?
+                .iter()
+                .map(|r| Column {
+                    is_key: false,
+                    name: r.get(0),
+                    type_oid: r.get(1),
+                    type_modifier: r.get(2),
+                })
+                .collect();
+            TableFacts::Exists {
+                owner_sql: row.get(1),
+                owned: row.get::<_, bool>(2) || role.superuser,
+                select: row.get(3),
+                columns,
+            }
+        }
+        None => {
+            let schema = client
+                .query_opt(
+                    "SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = $1",
+                    &[&table.schema],
+                )
+                .await
+                .map_err(q("looking up the outbox table's schema"))?;
+            TableFacts::Missing {
+                schema_exists: schema.is_some(),
+                create_on_schema: schema.is_some_and(|r| r.get(0)),
+            }
+        }
+    };
+    let publication = client
+        .query_opt(
+            "SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t
+                 WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3)
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&cfg.postgres.publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(q("looking up the publication"))?
+        .map(|r| PublicationFacts {
+            publishes_insert: r.get(0),
+            includes_table: r.get(1),
+        });
+    let slot =
+        setup::slot_state(client, &cfg.postgres.slot)
+            .await?
+            .map(|(state, plugin, database)| SlotFacts {
+                plugin,
+                database,
+                active: state.active_pid.is_some(),
+                wal_status: state.wal_status,
+            });
+    Ok(Facts {
+        wal_level: settings.get(0),
+        max_replication_slots: settings.get(1),
+        slots_in_use: settings.get(2),
+        max_wal_senders: settings.get(3),
+        wal_senders_in_use: settings.get(4),
+        role,
+        table: table_facts,
+        publication,
+        slot,
+    })
+}
+
+/// Decides, per item, whether it is fine, to be created, or a problem (and which).
+pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
+    use ItemState::{Create, Problem};
+    let table = cfg.table().expect("validated");
+    let role = &f.role;
+    let item = |label: String, state| Item { label, state };
+    let mut items = Vec::new();
+
+    items.push(item(
+        "wal_level".into(),
+        match setup::wal_level_ok(f.wal_level.clone()) {
+            Ok(()) => ItemState::Ok(f.wal_level.clone()),
+            Err(e) => Problem(e),
+        },
+    ));
+    // An existing slot already counts as used; an active one already has its walsender.
+    let capacity = |setting: &'static str, max: i64, in_use: i64, need: i64| {
+        if max <= 0 || in_use + need > max {
+            Problem(SetupError::NoCapacity {
+                setting,
+                max,
+                in_use,
+            })
+        } else {
+            ItemState::Ok(format!("{max}, {in_use} in use"))
+        }
+    };
+    items.push(item(
+        "max_replication_slots".into(),
+        capacity(
+            "max_replication_slots",
+            f.max_replication_slots,
+            f.slots_in_use,
+            i64::from(f.slot.is_none()),
+        ),
+    ));
+    items.push(item(
+        "max_wal_senders".into(),
+        capacity(
+            "max_wal_senders",
+            f.max_wal_senders,
+            f.wal_senders_in_use,
+            i64::from(!f.slot.as_ref().is_some_and(|s| s.active)),
+        ),
+    ));
+    items.push(item(
+        format!("role {}", role.name),
+        match role.check_replication() {
+            Err(e) => Problem(e),
+            Ok(()) if role.superuser => ItemState::Ok("superuser".into()),
+            Ok(()) => ItemState::Ok("REPLICATION".into()),
+        },
+    ));
+
+    let (table_state, columns) = match &f.table {
+        TableFacts::Exists {
+            select, columns, ..
+        } => {
+            let state = if *select {
+                ItemState::Ok("exists".into())
+            } else {
+                Problem(SetupError::NoSelect {
+                    role: role.name.clone(),
+                    role_sql: role.name_sql.clone(),
+                    table: table.clone(),
+                })
+            };
+            (state, columns.clone())
+        }
+        TableFacts::Missing {
+            schema_exists,
+            create_on_schema,
+        } => {
+            let state = if !schema_exists {
+                Problem(SetupError::NoSchema {
+                    table: table.clone(),
+                })
+            } else if !create_on_schema && !role.superuser {
+                Problem(SetupError::NoCreateOnSchema {
+                    role: role.name.clone(),
+                    role_sql: role.name_sql.clone(),
+                    table: table.clone(),
+                })
+            } else {
+                Create(setup::create_table_sql(&table))
+            };
+            let shipped = setup::outbox_sql_columns()
+                .into_iter()
+                .map(|name| Column {
+                    is_key: false,
+                    name,
+                    type_oid: 0,
+                    type_modifier: -1,
+                })
+                .collect();
+            (state, shipped)
+        }
+    };
+    items.push(item(format!("table {table}"), table_state));
+    items.push(item("columns".into(), check_columns(cfg, &table, columns)));
+
+    let publication = &cfg.postgres.publication;
+    items.push(item(
+        format!("publication {publication}"),
+        match (&f.publication, &f.table) {
+            (Some(p), _) if !p.includes_table => Problem(SetupError::PublicationMissesTable {
+                name: publication.clone(),
+                table: table.clone(),
+            }),
+            (Some(p), _) if !p.publishes_insert => Problem(SetupError::PublicationNoInsert {
+                name: publication.clone(),
+            }),
+            (Some(_), _) => ItemState::Ok(format!("publishes inserts of {table}")),
+            (None, _) if !role.create_on_database && !role.superuser => {
+                Problem(SetupError::NoCreateOnDatabase {
+                    role: role.name.clone(),
+                    role_sql: role.name_sql.clone(),
+                    database: role.database.clone(),
+                    database_sql: role.database_sql.clone(),
+                    publication: publication.clone(),
+                })
+            }
+            (
+                None,
+                TableFacts::Exists {
+                    owned: false,
+                    owner_sql,
+                    ..
+                },
+            ) => Problem(SetupError::NotTableOwner {
+                role_sql: role.name_sql.clone(),
+                table: table.clone(),
+                owner_sql: owner_sql.clone(),
+                publication: publication.clone(),
+            }),
+            (None, _) => Create(setup::create_publication_sql(publication, &table)),
+        },
+    ));
+
+    let slot = &cfg.postgres.slot;
+    items.push(item(
+        format!("slot {slot}"),
+        match &f.slot {
+            Some(s) if s.plugin != "pgoutput" || s.database != role.database => {
+                Problem(SetupError::WrongSlot {
+                    name: slot.clone(),
+                    plugin: s.plugin.clone(),
+                    database: s.database.clone(),
+                    expected_db: role.database.clone(),
+                })
+            }
+            Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                Problem(SetupError::SlotLost { name: slot.clone() })
+            }
+            Some(s) => ItemState::Ok(format!(
+                "pgoutput, {}",
+                if s.active { "active" } else { "inactive" }
+            )),
+            None => Create(setup::create_slot_sql(slot)),
+        },
+    ));
+    items
+}
+
+/// The configured columns, resolved exactly as the relay resolves a Relation message.
+fn check_columns(cfg: &Config, table: &TableName, columns: Vec<Column>) -> ItemState {
+    let rel = Relation {
+        id: 0,
+        namespace: table.schema.clone(),
+        name: table.name.clone(),
+        replica_identity: b'd',
+        columns,
+    };
+    match OutboxTable::from_config(cfg).mapping(&rel) {
+        Ok(_) => ItemState::Ok("the configured columns exist".into()),
+        Err(e) => ItemState::Problem(SetupError::Columns(e)),
+    }
+}
+
+/// `init`: prints one line per item, then creates what is missing unless
+/// `dry_run` or a check failed. Returns the failure exit code, if any.
+pub(super) async fn run(
+    client: &Client,
+    cfg: &Config,
+    dry_run: bool,
+    out: &mut impl Write,
+) -> Result<Option<u8>, SetupError> {
+    let facts = inspect(client, cfg).await?;
+    let items = plan(&facts, cfg);
+    let width = items.iter().map(|i| i.label.len()).max().unwrap_or(0);
+    let problems = items
+        .iter()
+        .filter(|i| matches!(i.state, ItemState::Problem(_)))
+        .count();
+    let line = |out: &mut dyn Write, label: &str, text: &str| {
+        let _ = writeln!(out, "{label:<width$}  {text}");
+        let _ = out.flush();
+    };
+
+    if dry_run || problems > 0 {
+        let mut statements = Vec::new();
+        for i in &items {
+            let text = match &i.state {
+                ItemState::Ok(detail) => format!("ok ({detail})"),
+                ItemState::Create(sql) => {
+                    statements.push(sql);
+                    "would create".into()
+                }
+                ItemState::Problem(e) => format!("error: {e}"),
+            };
+            line(out, &i.label, &text);
+        }
+        if dry_run && !statements.is_empty() {
+            let _ = writeln!(out, "\n-- SQL that init would run:");
+            for sql in statements {
+                let _ = writeln!(out, "{sql};");
+            }
+        }
+        if problems > 0 {
+            eprintln!(
+                "outbox-relay: {problems} check{} failed; nothing was changed: fix {} and run init again",
+                if problems == 1 { "" } else { "s" },
+                if problems == 1 { "it" } else { "them" },
+            );
+            return Ok(Some(2));
+        }
+        return Ok(None);
+    }
+
+    for i in items {
+        match i.state {
+            ItemState::Ok(detail) => line(out, &i.label, &format!("ok ({detail})")),
+            ItemState::Problem(_) => unreachable!("no problems left"),
+            ItemState::Create(sql) => match client.batch_execute(&sql).await {
+                Ok(()) => line(out, &i.label, "created"),
+                // Created concurrently (a relay starting with create_missing, another init).
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+                    line(out, &i.label, "ok (created concurrently)")
+                }
+                Err(source) => {
+                    let e = SetupError::Query {
+                        context: "creating it",
+                        source,
+                    };
+                    line(out, &i.label, &format!("error: {e}"));
+                    return Ok(Some(if e.is_permanent() { 2 } else { 1 }));
+                }
+            },
+        }
+    }
+    Ok(None)
+}

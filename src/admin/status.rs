@@ -1,0 +1,179 @@
+//! `status`: the slot's progress (from [`setup::slot_report`]), the
+//! publication and the reason to exit 1, as aligned text or one JSON object.
+
+use std::path::Path;
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::lsn::Lsn;
+use crate::setup::{self, q, SetupError, SlotReport};
+
+/// What `status` shows.
+#[derive(Debug, Clone)]
+pub(super) struct Status {
+    pub(super) slot: String,
+    pub(super) report: Option<SlotReport>,
+    /// Plugin and database of the slot, if it exists.
+    pub(super) kind: Option<(String, String)>,
+    pub(super) database: String,
+    pub(super) current_wal: Lsn,
+    pub(super) publication: String,
+    pub(super) publication_tables: Option<Vec<String>>,
+}
+
+/// `status --json`: one flat object; LSNs as `X/X`, byte counts as numbers.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct StatusJson<'a> {
+    slot: &'a str,
+    slot_exists: bool,
+    active: Option<bool>,
+    active_pid: Option<i32>,
+    confirmed_flush_lsn: Option<Lsn>,
+    restart_lsn: Option<Lsn>,
+    retained_wal_bytes: Option<u64>,
+    wal_status: Option<&'a str>,
+    current_wal_lsn: Lsn,
+    lag_bytes: Option<u64>,
+    publication: &'a str,
+    publication_exists: bool,
+    publication_tables: &'a [String],
+}
+
+pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupError> {
+    let slot = &cfg.postgres.slot;
+    let report = setup::slot_report(client, slot).await?;
+    let kind = setup::slot_state(client, slot)
+        .await?
+        .map(|(_, plugin, db)| (plugin, db));
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(q("reading the database name"))?
+        .get(0);
+    let current_wal = match &report {
+        Some(r) => r.current_wal,
+        None => setup::current_wal(client).await?,
+    };
+    Ok(Status {
+        slot: slot.clone(),
+        report,
+        kind,
+        database,
+        current_wal,
+        publication: cfg.postgres.publication.clone(),
+        publication_tables: setup::publication_tables(client, &cfg.postgres.publication).await?,
+    })
+}
+
+impl Status {
+    /// Why `status` exits 1, if it does.
+    pub(super) fn problem(&self, config_path: &Path) -> Option<String> {
+        let Some(report) = &self.report else {
+            return Some(format!(
+                "replication slot {:?} does not exist; create it with: outbox-relay init --config {}",
+                self.slot,
+                config_path.display()
+            ));
+        };
+        if let Some((plugin, db)) = &self.kind {
+            if plugin != "pgoutput" || *db != self.database {
+                return Some(
+                    SetupError::WrongSlot {
+                        name: self.slot.clone(),
+                        plugin: plugin.clone(),
+                        database: db.clone(),
+                        expected_db: self.database.clone(),
+                    }
+                    .to_string(),
+                );
+            }
+        }
+        if report.wal_status.as_deref() == Some("lost") {
+            return Some(
+                SetupError::SlotLost {
+                    name: self.slot.clone(),
+                }
+                .to_string(),
+            );
+        }
+        None
+    }
+
+    pub(super) fn json(&self) -> StatusJson<'_> {
+        let r = self.report.as_ref();
+        StatusJson {
+            slot: &self.slot,
+            slot_exists: r.is_some(),
+            active: r.map(|r| r.active),
+            active_pid: r.and_then(|r| r.active_pid),
+            confirmed_flush_lsn: r.map(|r| r.confirmed_flush),
+            restart_lsn: r.map(|r| r.restart_lsn),
+            retained_wal_bytes: r.map(|r| r.retained_wal_bytes),
+            wal_status: r.and_then(|r| r.wal_status.as_deref()),
+            current_wal_lsn: self.current_wal,
+            lag_bytes: r.map(SlotReport::lag_bytes),
+            publication: &self.publication,
+            publication_exists: self.publication_tables.is_some(),
+            publication_tables: self.publication_tables.as_deref().unwrap_or_default(),
+        }
+    }
+
+    /// Aligned `key  value` lines; keys are the JSON field names.
+    pub(super) fn text(&self) -> String {
+        let mut rows: Vec<(&str, String)> = Vec::new();
+        match &self.report {
+            None => rows.push(("slot", format!("{} (missing)", self.slot))),
+            Some(r) => {
+                rows.push(("slot", self.slot.clone()));
+                rows.push(("active", if r.active { "yes" } else { "no" }.into()));
+                rows.push((
+                    "active_pid",
+                    r.active_pid.map_or("-".into(), |p| p.to_string()),
+                ));
+                rows.push(("confirmed_flush_lsn", r.confirmed_flush.to_string()));
+                rows.push(("restart_lsn", r.restart_lsn.to_string()));
+                rows.push(("retained_wal_bytes", bytes(r.retained_wal_bytes)));
+                rows.push(("wal_status", r.wal_status.clone().unwrap_or("-".into())));
+            }
+        }
+        rows.push(("current_wal_lsn", self.current_wal.to_string()));
+        if let Some(r) = &self.report {
+            rows.push(("lag_bytes", bytes(r.lag_bytes())));
+        }
+        rows.push((
+            "publication",
+            match &self.publication_tables {
+                None => format!("{} (missing)", self.publication),
+                Some(_) => self.publication.clone(),
+            },
+        ));
+        if let Some(tables) = &self.publication_tables {
+            let list = if tables.is_empty() {
+                "(none)".into()
+            } else {
+                tables.join(", ")
+            };
+            rows.push(("publication_tables", list));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+}
+
+/// `1234567 (1.2 MiB)`; small counts stay plain.
+pub(super) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return n.to_string();
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{n} ({v:.1} {})", UNITS[unit])
+}
