@@ -3,6 +3,7 @@
 #   - PostgreSQL server binaries (Debian package `postgresql`; any version >= 15 works),
 #   - build dependencies of librdkafka (C compiler, make, pkg-config, OpenSSL, zlib),
 #   - kcat (to look at topics by hand),
+#   - promtool (Debian package `prometheus`; tests/deploy.rs checks the alert rules with it),
 #   - the tansu Kafka-protocol broker, built once with `cargo install` into a cache
 #     directory and reused (about 10 to 20 minutes the first time).
 # Prints the path of the tansu binary on its last line.
@@ -23,6 +24,7 @@ command -v cc >/dev/null || missing+=(gcc g++)
 command -v make >/dev/null || missing+=(make)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v kcat >/dev/null || missing+=(kcat)
+command -v promtool >/dev/null || missing+=(prometheus)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 
