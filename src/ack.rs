@@ -24,6 +24,8 @@ pub struct AckTracker {
     commits: VecDeque<(Lsn, Seq)>,
     in_transaction: bool,
     confirmed: Lsn,
+    /// Records registered and not yet acknowledged.
+    unacked: usize,
 }
 
 impl AckTracker {
@@ -35,6 +37,7 @@ impl AckTracker {
             commits: VecDeque::new(),
             in_transaction: false,
             confirmed,
+            unacked: 0,
         }
     }
 
@@ -45,7 +48,7 @@ impl AckTracker {
 
     /// Records handed to the producer and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
-        self.acked.iter().filter(|a| !**a).count()
+        self.unacked
     }
 
     /// Records between the oldest unacknowledged one and the newest (a bound on memory held).
@@ -61,30 +64,37 @@ impl AckTracker {
     pub fn record(&mut self) -> Seq {
         let seq = self.base + self.acked.len() as Seq;
         self.acked.push_back(false);
+        self.unacked += 1;
         seq
     }
 
-    /// The transaction ending at `end_lsn` is complete: all its records were registered.
-    pub fn commit(&mut self, end_lsn: Lsn) {
+    /// The transaction ending at `end_lsn` is complete: all its records were
+    /// registered. Returns how many transactions became confirmable.
+    pub fn commit(&mut self, end_lsn: Lsn) -> usize {
         self.in_transaction = false;
         let next = self.base + self.acked.len() as Seq;
         self.commits.push_back((end_lsn, next));
-        self.advance();
+        self.advance()
     }
 
-    /// A delivery report said `seq` is stored by the broker.
-    pub fn ack(&mut self, seq: Seq) {
+    /// A delivery report said `seq` is stored by the broker. Returns how many
+    /// transactions became confirmable.
+    pub fn ack(&mut self, seq: Seq) -> usize {
         let Some(offset) = seq.checked_sub(self.base) else {
-            return;
+            return 0;
         };
-        if let Some(flag) = self.acked.get_mut(offset as usize) {
-            *flag = true;
+        match self.acked.get_mut(offset as usize) {
+            Some(flag) if !*flag => {
+                *flag = true;
+                self.unacked -= 1;
+            }
+            _ => return 0,
         }
         while self.acked.front() == Some(&true) {
             self.acked.pop_front();
             self.base += 1;
         }
-        self.advance();
+        self.advance()
     }
 
     /// A keepalive from the server: when no transaction is open and nothing is
@@ -96,14 +106,17 @@ impl AckTracker {
         }
     }
 
-    fn advance(&mut self) {
+    fn advance(&mut self) -> usize {
+        let mut n = 0;
         while let Some(&(end, next)) = self.commits.front() {
             if next > self.base {
                 break;
             }
             self.confirmed = self.confirmed.max(end);
             self.commits.pop_front();
+            n += 1;
         }
+        n
     }
 }
 
@@ -119,9 +132,12 @@ mod tests {
         let b = t.record();
         t.commit(Lsn(100));
         assert_eq!(t.confirmed(), Lsn(10));
-        t.ack(b);
+        assert_eq!(t.in_flight(), 2);
+        assert_eq!(t.ack(b), 0);
         assert_eq!(t.confirmed(), Lsn(10), "b acked before a: still held back");
-        t.ack(a);
+        assert_eq!(t.ack(b), 0, "a repeated report changes nothing");
+        assert_eq!(t.in_flight(), 1);
+        assert_eq!(t.ack(a), 1);
         assert_eq!(t.confirmed(), Lsn(100));
         assert_eq!(t.in_flight(), 0);
     }

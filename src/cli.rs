@@ -10,7 +10,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
-use crate::relay::{self, RelayError, Stats};
+use crate::metrics::Metrics;
+use crate::relay::{self, RelayError};
 
 const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
 
@@ -51,6 +52,39 @@ pub enum Command {
         /// Path of the TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Check PostgreSQL and the role, then create the outbox table, publication and slot if missing.
+    ///
+    /// Checks wal_level, max_replication_slots and max_wal_senders (enough free),
+    /// the role's REPLICATION attribute, SELECT on the outbox table (or CREATE on
+    /// its schema when the table must be created), CREATE on the database and
+    /// ownership of the table when the publication must be created, and the
+    /// configured columns. Prints one line per item: ok, created, would create,
+    /// or what to change. Creates nothing while a check fails, whatever
+    /// postgres.create_missing says. Safe to run again: what exists is left alone.
+    #[command(after_help = crate::admin::INIT_HELP)]
+    Init {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the SQL that would run (one statement per line) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the replication slot, its retained WAL and lag, and the publication.
+    ///
+    /// Prints the slot (active, active_pid, confirmed_flush_lsn, restart_lsn,
+    /// retained_wal_bytes = current WAL - restart_lsn, wal_status), the server's
+    /// current WAL position, lag_bytes (current WAL - confirmed_flush_lsn) and
+    /// the publication's tables. Never prints the connection string.
+    #[command(after_help = crate::admin::STATUS_HELP)]
+    Status {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print one JSON object (LSNs as "X/X" strings, byte counts as numbers) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -103,6 +137,14 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Init { config, dry_run } => match load(&config) {
+            Ok(cfg) => crate::admin::init_main(&cfg, dry_run),
+            Err(code) => code,
+        },
+        Command::Status { config, json } => match load(&config) {
+            Ok(cfg) => crate::admin::status_main(&cfg, &config, json),
+            Err(code) => code,
+        },
         Command::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -133,7 +175,20 @@ async fn run(cfg: Config) -> ExitCode {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     });
-    match relay::run(cfg, Arc::new(Stats::default()), rx).await {
+    let metrics = Arc::new(Metrics::new());
+    if !cfg.metrics.listen.is_empty() {
+        match crate::http::bind(&cfg.metrics.listen).await {
+            Ok(listener) => {
+                tracing::info!(listen = %cfg.metrics.listen, "serving /metrics, /healthz and /readyz");
+                tokio::spawn(crate::http::serve(listener, metrics.clone()));
+            }
+            Err(e) => {
+                eprintln!("outbox-relay: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match relay::run(cfg, metrics, rx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "relay stopped");

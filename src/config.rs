@@ -26,6 +26,29 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub relay: RelayConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics`, `/healthz` and `/readyz` listener. Default
+    /// `127.0.0.1:9187` (loopback only); `0.0.0.0:9187` exposes it; "" disables it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,6 +147,14 @@ pub struct RelayConfig {
     /// Largest reconnect delay, in milliseconds. Default 30000.
     #[serde(default = "default_backoff_max_ms")]
     pub reconnect_backoff_max_ms: u64,
+    /// While another instance streams from the slot, how often to try to take
+    /// it over, in milliseconds (with jitter). Default 1000.
+    #[serde(default = "default_standby_retry_ms")]
+    pub standby_retry_ms: u64,
+}
+
+fn default_standby_retry_ms() -> u64 {
+    1000
 }
 
 fn default_name() -> String {
@@ -220,6 +251,7 @@ impl Default for RelayConfig {
             shutdown_timeout_ms: default_shutdown_ms(),
             reconnect_backoff_min_ms: default_backoff_min_ms(),
             reconnect_backoff_max_ms: default_backoff_max_ms(),
+            standby_retry_ms: default_standby_retry_ms(),
         }
     }
 }
@@ -458,6 +490,20 @@ impl Config {
             return Err(invalid(
                 "relay.reconnect_backoff_min_ms",
                 "must be at least 1 and not above relay.reconnect_backoff_max_ms",
+            ));
+        }
+        if self.relay.standby_retry_ms < 10 {
+            return Err(invalid("relay.standby_retry_ms", "must be at least 10"));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address like \"127.0.0.1:9187\" (use \"\" to disable)",
+                    self.metrics.listen
+                ),
             ));
         }
         Ok(())

@@ -7,7 +7,8 @@
 //! (see `outbox`).
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -21,7 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::ack::Seq;
 use crate::config::{property_value, KafkaConfig};
+use crate::metrics::Metrics;
 use crate::outbox::Record;
+use crate::pgoutput::Timestamp;
 
 /// Defaults the relay applies unless `[kafka.properties]` sets them.
 const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -83,8 +86,15 @@ pub enum KafkaSetupError {
     CreateTopic { topic: String, error: String },
 }
 
+/// What travels with each record through librdkafka to its delivery report.
+pub struct InFlight {
+    pub seq: Seq,
+    pub commit_time: Timestamp,
+}
+
 pub struct Context {
     reports: mpsc::UnboundedSender<DeliveryReport>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientContext for Context {
@@ -109,24 +119,48 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics.error("kafka_client");
         tracing::warn!(target: "librdkafka", %error, "{reason}");
     }
 }
 
-impl ProducerContext for Context {
-    type DeliveryOpaque = usize;
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
         let result = match result {
-            Ok(_) => Ok(()),
-            Err((error, msg)) => Err(DeliveryError {
-                topic: msg.topic().to_string(),
-                error: error.clone(),
-            }),
+            Ok(msg) => {
+                self.metrics
+                    .events_acked
+                    .with_label_values(&[msg.topic()])
+                    .inc();
+                let micros = now_micros()
+                    .saturating_sub(inflight.commit_time.unix_micros())
+                    .max(0);
+                self.metrics.delivery_latency.observe(micros as f64 / 1e6);
+                Ok(())
+            }
+            Err((error, msg)) => {
+                self.metrics
+                    .events_failed
+                    .with_label_values(&[msg.topic()])
+                    .inc();
+                Err(DeliveryError {
+                    topic: msg.topic().to_string(),
+                    error: error.clone(),
+                })
+            }
         };
         // The receiver is gone only when the session ended; its records are re-sent then.
         let _ = self.reports.send(DeliveryReport {
-            seq: seq as Seq,
+            seq: inflight.seq,
             result,
         });
     }
@@ -160,12 +194,16 @@ struct NewTopicSettings {
 impl Producer {
     pub fn new(
         cfg: &KafkaConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut cc = client_config(cfg);
         cc.set("enable.idempotence", "true").set("acks", "all");
         let inner: ThreadedProducer<Context> = cc
-            .create_with_context(Context { reports: tx })
+            .create_with_context(Context {
+                reports: tx,
+                metrics,
+            })
             .map_err(KafkaSetupError::Config)?;
         let admin = if cfg.create_topics {
             let admin: AdminClient<DefaultClientContext> = client_config(cfg)
@@ -225,8 +263,9 @@ impl Producer {
         Ok(())
     }
 
-    /// Enqueues a record; its delivery report will carry `seq`.
-    pub fn send(&self, seq: Seq, record: &Record) -> Result<(), SendError> {
+    /// Enqueues a record of the transaction committed at `commit_time`; its
+    /// delivery report will carry `seq`.
+    pub fn send(&self, seq: Seq, commit_time: Timestamp, record: &Record) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in &record.headers {
             headers = headers.insert(Header {
@@ -234,10 +273,11 @@ impl Producer {
                 value: Some(&v[..]),
             });
         }
-        let rec = BaseRecord::with_opaque_to(&record.topic, seq as usize)
-            .key(&record.key[..])
-            .payload(&record.value[..])
-            .headers(headers);
+        let rec =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(InFlight { seq, commit_time }))
+                .key(&record.key[..])
+                .payload(&record.value[..])
+                .headers(headers);
         match self.inner.send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -10,15 +10,21 @@
 //! - [`kafka`]: the producer and its delivery reports.
 //! - [`ack`]: which LSN may be confirmed.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL.
+//! - [`admin`]: the `init` and `status` commands: checks, what they create, print and exit with.
+//! - [`metrics`]: Prometheus metrics and the health state.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` listener.
 //! - [`relay`]: the streaming loop tying the pieces together, reconnects and shutdown.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: command-line parsing and exit codes.
 
 pub mod ack;
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod kafka;
 pub mod lsn;
+pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
 pub mod relay;

@@ -6,57 +6,26 @@
 //! protocol details of its own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::ack::{AckTracker, Seq};
 use crate::config::Config;
 use crate::kafka::{DeliveryError, DeliveryReport, KafkaSetupError, Producer, SendError};
 use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
 use crate::outbox::{Mapping, MappingError, OutboxTable, Record};
-use crate::pgoutput::{self, DecodeError, Message, RelationCache};
+use crate::pgoutput::{self, DecodeError, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup::{self, SetupError};
-
-/// Counters and positions of a running relay, readable from other tasks.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Outbox rows decoded from the stream.
-    pub events_received: AtomicU64,
-    /// Records handed to the producer.
-    pub events_produced: AtomicU64,
-    /// Records acknowledged by the broker.
-    pub events_acked: AtomicU64,
-    /// Records whose delivery finally failed.
-    pub events_failed: AtomicU64,
-    /// Changes that are not outbox inserts (other tables, updates, deletes, truncates).
-    pub changes_ignored: AtomicU64,
-    /// Transactions (Commit messages) received.
-    pub transactions_received: AtomicU64,
-    /// The last LSN sent to the server as flushed.
-    pub confirmed_lsn: AtomicU64,
-    /// The last WAL end reported by the server.
-    pub server_wal_end: AtomicU64,
-    /// Sessions that ended with an error and were restarted.
-    pub reconnects: AtomicU64,
-    /// True while this instance streams from the slot.
-    pub active: AtomicBool,
-}
-
-impl Stats {
-    pub fn confirmed(&self) -> Lsn {
-        Lsn(self.confirmed_lsn.load(Ordering::Relaxed))
-    }
-}
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
-    Setup(#[from] SetupError),
+    Setup(Box<SetupError>),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     #[error("cannot decode the replication stream at LSN {lsn}: {source}")]
@@ -71,6 +40,12 @@ pub enum RelayError {
     Send(SendError),
     #[error("insert into relation {0} arrived before its Relation message")]
     UnknownRelation(u32),
+}
+
+impl From<SetupError> for RelayError {
+    fn from(e: SetupError) -> Self {
+        RelayError::Setup(Box::new(e))
+    }
 }
 
 impl RelayError {
@@ -88,6 +63,21 @@ impl RelayError {
             | RelayError::UnknownRelation(_) => true,
         }
     }
+
+    /// The `kind` label of `outbox_relay_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelayError::Setup(_) => "setup",
+            RelayError::Replication(e) if e.is_slot_in_use() => "slot_in_use",
+            RelayError::Replication(_) => "replication",
+            RelayError::Decode { .. } => "decode",
+            RelayError::Mapping(_) => "invalid_row",
+            RelayError::Kafka(_) => "kafka_setup",
+            RelayError::Delivery(_) => "delivery",
+            RelayError::Send(_) => "produce",
+            RelayError::UnknownRelation(_) => "protocol",
+        }
+    }
 }
 
 /// The shutdown trigger handed to [`run`]: set it to `true` to stop.
@@ -101,38 +91,59 @@ async fn wait_shutdown(rx: &mut ShutdownRx) {
 }
 
 /// Runs the relay until shutdown (`Ok`) or a fatal error. Failed sessions are
-/// retried with jittered exponential backoff.
+/// retried with jittered exponential backoff; while another instance holds the
+/// slot this one stands by and retries every `relay.standby_retry_ms`.
 pub async fn run(
     cfg: Config,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     mut shutdown: ShutdownRx,
 ) -> Result<(), RelayError> {
     let pg = cfg.postgres_config().expect("validated");
     let outbox = OutboxTable::from_config(&cfg);
+    let poller = tokio::spawn(poll_slot(
+        pg.clone(),
+        cfg.postgres.slot.clone(),
+        metrics.clone(),
+    ));
+    let _stop_poller = AbortOnDrop(poller);
     let mut failures = 0u32;
     loop {
         let mut session = Session {
             cfg: &cfg,
             outbox: &outbox,
-            stats: &stats,
+            metrics: &metrics,
             streamed: false,
         };
         let result = session.run(&pg, &mut shutdown).await;
-        stats.active.store(false, Ordering::Relaxed);
         let err = match result {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_fatal() => return Err(e),
+            Ok(()) => {
+                metrics.set_health(Health::Down("stopped".into()));
+                return Ok(());
+            }
             Err(e) => e,
         };
-        failures = if session.streamed { 1 } else { failures + 1 };
-        stats.reconnects.fetch_add(1, Ordering::Relaxed);
-        let delay = backoff(&cfg, failures);
-        match &err {
-            RelayError::Replication(r) if r.is_slot_in_use() => {
-                tracing::info!(slot = %cfg.postgres.slot, retry_in = ?delay, "slot is streaming to another instance; standing by")
-            }
-            _ => tracing::warn!(error = %err, retry_in = ?delay, "session failed; reconnecting"),
+        metrics.error(err.kind());
+        if err.is_fatal() {
+            metrics.set_health(Health::Down(err.to_string()));
+            return Err(err);
         }
+        metrics.reconnects.inc();
+        failures = if session.streamed { 1 } else { failures + 1 };
+        let delay = match &err {
+            RelayError::Replication(r) if r.is_slot_in_use() => {
+                metrics.set_health(Health::Standby);
+                let delay = jitter(Duration::from_millis(cfg.relay.standby_retry_ms));
+                tracing::info!(slot = %cfg.postgres.slot, retry_in = ?delay, "slot is streaming to another instance; standing by");
+                failures = 0;
+                delay
+            }
+            _ => {
+                metrics.set_health(Health::Down(err.to_string()));
+                let delay = backoff(&cfg, failures);
+                tracing::warn!(error = %err, retry_in = ?delay, "session failed; reconnecting");
+                delay
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = wait_shutdown(&mut shutdown) => return Ok(()),
@@ -140,25 +151,69 @@ pub async fn run(
     }
 }
 
-/// Exponential backoff from the configured minimum to the maximum, with 50-100% jitter.
-fn backoff(cfg: &Config, failures: u32) -> Duration {
-    let min = cfg.relay.reconnect_backoff_min_ms;
-    let max = cfg.relay.reconnect_backoff_max_ms;
-    let base = min
-        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
-        .min(max);
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Scales `d` by a random factor in 50-100 %.
+fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    Duration::from_millis((base as f64 * jitter) as u64)
+    d.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+}
+
+/// Exponential backoff from the configured minimum to the maximum, with jitter.
+fn backoff(cfg: &Config, failures: u32) -> Duration {
+    let min = cfg.relay.reconnect_backoff_min_ms;
+    let base = min
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
+        .min(cfg.relay.reconnect_backoff_max_ms);
+    jitter(Duration::from_millis(base))
+}
+
+/// How often the slot's state is read from `pg_replication_slots`.
+const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the slot gauges (retained WAL, wal_status, active) current.
+async fn poll_slot(pg: tokio_postgres::Config, slot: String, metrics: Arc<Metrics>) {
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = setup::sql_connect(&pg).await.ok();
+        }
+        if let Some(c) = &client {
+            match setup::slot_report(c, &slot).await {
+                Ok(Some(r)) => {
+                    metrics
+                        .slot_retained_wal_bytes
+                        .set(r.retained_wal_bytes as f64);
+                    metrics.slot_active.set(i64::from(r.active));
+                    metrics.set_slot_wal_status(r.wal_status.as_deref());
+                }
+                Ok(None) => {
+                    metrics.slot_active.set(0);
+                    metrics.set_slot_wal_status(None);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the slot's state");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(SLOT_POLL_INTERVAL).await;
+    }
 }
 
 struct Session<'a> {
     cfg: &'a Config,
     outbox: &'a OutboxTable,
-    stats: &'a Stats,
+    metrics: &'a Arc<Metrics>,
     /// START_REPLICATION succeeded: the next failure starts the backoff afresh.
     streamed: bool,
 }
@@ -169,6 +224,7 @@ struct Stream {
     relations: RelationCache,
     mappings: HashMap<u32, Result<Mapping, MappingError>>,
     commit_lsn: Lsn,
+    commit_time: Timestamp,
     /// A record the producer's full queue did not take yet; reading stops until it does.
     pending: Option<(Seq, Record)>,
 }
@@ -183,16 +239,14 @@ impl Session<'_> {
         let client = setup::sql_connect(pg).await?;
         let slot = setup::prepare(&client, cfg).await?;
         drop(client);
-        let (mut producer, mut reports) = Producer::new(&cfg.kafka)?;
+        let (mut producer, mut reports) = Producer::new(&cfg.kafka, self.metrics.clone())?;
         let conn = replication::connect(pg).await?;
         let (mut reader, mut writer) = conn
             .start_logical(&cfg.postgres.slot, Lsn::ZERO, &cfg.postgres.publication)
             .await?;
         self.streamed = true;
-        self.stats.active.store(true, Ordering::Relaxed);
-        self.stats
-            .confirmed_lsn
-            .fetch_max(slot.confirmed_flush.0, Ordering::Relaxed);
+        self.metrics.set_health(Health::Streaming);
+        self.metrics.set_confirmed(slot.confirmed_flush);
         tracing::info!(slot = %cfg.postgres.slot, confirmed = %slot.confirmed_flush, "streaming from slot");
 
         let mut s = Stream {
@@ -200,6 +254,7 @@ impl Session<'_> {
             relations: RelationCache::default(),
             mappings: HashMap::new(),
             commit_lsn: Lsn::ZERO,
+            commit_time: Timestamp(0),
             pending: None,
         };
         let mut ticker =
@@ -211,7 +266,11 @@ impl Session<'_> {
                 biased;
                 _ = wait_shutdown(shutdown) => break Ok(()),
                 Some(report) = reports.recv() => self.on_report(&mut s, report),
-                _ = ticker.tick() => self.send_status(&mut writer, &s, false).await,
+                _ = ticker.tick() => {
+                    self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
+                    self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
+                    self.send_status(&mut writer, &s).await
+                }
                 _ = tokio::time::sleep(Duration::from_millis(2)), if s.pending.is_some() => {
                     self.retry_pending(&mut s, &producer)
                 }
@@ -240,8 +299,11 @@ impl Session<'_> {
         };
         self.drain(&mut s, &mut reports, drain).await;
         producer.purge();
-        let _ = self.send_status(&mut writer, &s, false).await;
+        let _ = self.send_status(&mut writer, &s).await;
         end_stream(reader, writer).await;
+        self.metrics
+            .records_in_flight
+            .set(s.tracker.in_flight() as i64);
         tracing::info!(confirmed = %s.tracker.confirmed(), unacknowledged = s.tracker.in_flight(), "stopped streaming");
         result
     }
@@ -249,7 +311,7 @@ impl Session<'_> {
     async fn drain(
         &self,
         s: &mut Stream,
-        reports: &mut tokio::sync::mpsc::UnboundedReceiver<DeliveryReport>,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
         limit: Duration,
     ) {
         let deadline = tokio::time::Instant::now() + limit;
@@ -268,34 +330,18 @@ impl Session<'_> {
     }
 
     fn on_report(&self, s: &mut Stream, report: DeliveryReport) -> Result<(), RelayError> {
-        match report.result {
-            Ok(()) => {
-                s.tracker.ack(report.seq);
-                self.stats.events_acked.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.events_failed.fetch_add(1, Ordering::Relaxed);
-                Err(e.into())
-            }
-        }
+        report.result?;
+        let confirmed = s.tracker.ack(report.seq);
+        self.metrics.transactions_confirmed.inc_by(confirmed as u64);
+        Ok(())
     }
 
-    async fn send_status(
-        &self,
-        writer: &mut StatusWriter,
-        s: &Stream,
-        reply: bool,
-    ) -> Result<(), RelayError> {
-        let lsn = s.tracker.confirmed();
-        writer.send_status(lsn, reply).await?;
+    async fn send_status(&self, writer: &mut StatusWriter, s: &Stream) -> Result<(), RelayError> {
+        let before = writer.last_sent();
+        writer.send_status(s.tracker.confirmed(), false).await?;
         let sent = writer.last_sent();
-        if self
-            .stats
-            .confirmed_lsn
-            .fetch_max(sent.0, Ordering::Relaxed)
-            < sent.0
-        {
+        if sent > before {
+            self.metrics.set_confirmed(sent);
             tracing::debug!(lsn = %sent, "confirmed");
         }
         Ok(())
@@ -315,9 +361,12 @@ impl Session<'_> {
         seq: Seq,
         record: Record,
     ) -> Result<(), RelayError> {
-        match producer.send(seq, &record) {
+        match producer.send(seq, s.commit_time, &record) {
             Ok(()) => {
-                self.stats.events_produced.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .events_produced
+                    .with_label_values(&[&record.topic])
+                    .inc();
                 Ok(())
             }
             Err(SendError::QueueFull) => {
@@ -337,12 +386,10 @@ impl Session<'_> {
     ) -> Result<(), RelayError> {
         let (start, data) = match event {
             StreamEvent::Keepalive { wal_end, reply } => {
-                self.stats
-                    .server_wal_end
-                    .fetch_max(wal_end.0, Ordering::Relaxed);
+                self.metrics.set_server_wal_end(wal_end);
                 s.tracker.keepalive(wal_end);
                 if reply {
-                    self.send_status(writer, s, false).await?;
+                    self.send_status(writer, s).await?;
                 }
                 return Ok(());
             }
@@ -351,9 +398,8 @@ impl Session<'_> {
                 wal_end,
                 data,
             } => {
-                self.stats
-                    .server_wal_end
-                    .fetch_max(wal_end.0, Ordering::Relaxed);
+                self.metrics.set_server_wal_end(wal_end);
+                self.metrics.received_lsn.set(start.0 as f64);
                 (start, data)
             }
         };
@@ -362,13 +408,13 @@ impl Session<'_> {
         match msg {
             Message::Begin(b) => {
                 s.commit_lsn = b.final_lsn;
+                s.commit_time = b.commit_time;
                 s.tracker.begin();
             }
             Message::Commit(c) => {
-                s.tracker.commit(c.end_lsn);
-                self.stats
-                    .transactions_received
-                    .fetch_add(1, Ordering::Relaxed);
+                let confirmed = s.tracker.commit(c.end_lsn);
+                self.metrics.transactions_received.inc();
+                self.metrics.transactions_confirmed.inc_by(confirmed as u64);
             }
             Message::Relation(rel) => {
                 if self.outbox.matches(&rel) {
@@ -383,7 +429,7 @@ impl Session<'_> {
                     if s.relations.get(relation_id).is_none() {
                         return Err(RelayError::UnknownRelation(relation_id));
                     }
-                    return self.ignore("insert into another table", relation_id, s);
+                    return self.ignore("insert_other_table", relation_id, s);
                 };
                 let rel = s
                     .relations
@@ -393,7 +439,10 @@ impl Session<'_> {
                     Ok(m) => m.record(&new, s.commit_lsn, rel)?,
                     Err(e) => return Err(e.clone().into()),
                 };
-                self.stats.events_received.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .events_received
+                    .with_label_values(&[&record.topic])
+                    .inc();
                 producer.ensure_topic(&record.topic).await?;
                 let seq = s.tracker.record();
                 self.enqueue(s, producer, seq, record)?;
@@ -406,14 +455,19 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn ignore(&self, what: &'static str, relation_id: u32, s: &Stream) -> Result<(), RelayError> {
-        self.stats.changes_ignored.fetch_add(1, Ordering::Relaxed);
-        let table = s
-            .relations
-            .get(relation_id)
-            .map(|r| r.qualified_name())
-            .unwrap_or_default();
-        tracing::debug!(change = what, table = %table, "ignored change");
+    fn ignore(&self, kind: &'static str, relation_id: u32, s: &Stream) -> Result<(), RelayError> {
+        self.metrics
+            .changes_ignored
+            .with_label_values(&[kind])
+            .inc();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let table = s
+                .relations
+                .get(relation_id)
+                .map(|r| r.qualified_name())
+                .unwrap_or_default();
+            tracing::debug!(change = kind, table = %table, "ignored change");
+        }
         Ok(())
     }
 }

@@ -42,7 +42,7 @@ async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, Rep
                 let fut = TcpStream::connect(target.clone());
                 let res = tokio::time::timeout(timeout, fut).await.map(|r| {
                     r.map(|s| {
-                        let _ = s.set_nodelay(true);
+                        tune_socket(&s, cfg);
                         Box::new(s) as BoxedTransport
                     })
                 });
@@ -66,6 +66,31 @@ async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, Rep
     Err(last.unwrap_or_else(|| {
         ReplicationError::Protocol("the connection string names no host".into())
     }))
+}
+
+/// No Nagle delay for status updates; TCP keepalives and user timeout from the
+/// connection string (`keepalives`, `keepalives_idle`, `keepalives_interval`,
+/// `keepalives_count`, `tcp_user_timeout`), so a dead server or network is noticed.
+fn tune_socket(s: &TcpStream, cfg: &tokio_postgres::Config) {
+    let _ = s.set_nodelay(true);
+    let sock = socket2::SockRef::from(s);
+    if cfg.get_keepalives() {
+        let mut ka = socket2::TcpKeepalive::new().with_time(cfg.get_keepalives_idle());
+        if let Some(i) = cfg.get_keepalives_interval() {
+            ka = ka.with_interval(i);
+        }
+        if let Some(n) = cfg.get_keepalives_retries() {
+            ka = ka.with_retries(n);
+        }
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::warn!(error = %e, "cannot enable TCP keepalives on the replication connection");
+        }
+    }
+    if let Some(t) = cfg.get_tcp_user_timeout() {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(*t)) {
+            tracing::warn!(error = %e, "cannot set tcp_user_timeout on the replication connection");
+        }
+    }
 }
 
 /// Connects and authenticates a replication connection.

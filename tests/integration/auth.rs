@@ -124,7 +124,7 @@ async fn role_without_replication_and_missing_table_are_refused_with_the_fix() {
         .unwrap();
     let err = spawn_relay(cfg).join().await.unwrap_err();
     assert!(
-        matches!(err, RelayError::Setup(SetupError::NoReplication { .. })),
+        matches!(&err, RelayError::Setup(e) if matches!(**e, SetupError::NoReplication { .. })),
         "{err:?}"
     );
     assert!(

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use outbox_relay::lsn::Lsn;
 
+use outbox_relay::metrics::Metrics;
+
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,11 +43,7 @@ async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
 
     let topics = vec![tc.topic("order"), tc.topic("customer")];
     eventually(120, "all 10,000 acknowledged", || async {
-        relay
-            .stats
-            .events_acked
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 10_000
+        Metrics::total(&relay.metrics.events_acked) >= 10_000
     })
     .await;
     let got = consume_all(&s.brokers, &topics, 10_000);
@@ -142,13 +140,7 @@ async fn writes_to_other_tables_advance_the_slot_while_the_outbox_is_idle() {
         tc.confirmed().await >= after_write
     })
     .await;
-    assert_eq!(
-        relay
-            .stats
-            .events_received
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(Metrics::total(&relay.metrics.events_received), 0);
     relay.stop().await.unwrap();
 }
 
@@ -171,11 +163,7 @@ async fn updates_deletes_and_other_tables_produce_nothing() {
     .await
     .unwrap();
     eventually(20, "both inserts acknowledged", || async {
-        relay
-            .stats
-            .events_acked
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
+        Metrics::total(&relay.metrics.events_acked) == 2
     })
     .await;
     let got = consume_all(&s.brokers, &[tc.topic("x")], 2);
@@ -185,13 +173,7 @@ async fn updates_deletes_and_other_tables_produce_nothing() {
         .collect();
     assert_eq!(types.len(), 2);
     assert!(types.contains(&"A".to_string()) && types.contains(&"C".to_string()));
-    assert!(
-        relay
-            .stats
-            .changes_ignored
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 2
-    );
+    assert!(Metrics::total(&relay.metrics.changes_ignored) >= 2);
     relay.stop().await.unwrap();
 }
 
@@ -255,11 +237,7 @@ async fn column_added_mid_stream_keeps_flowing_and_bytea_payloads_are_raw() {
     .await
     .unwrap();
     eventually(30, "both rows acknowledged", || async {
-        relay
-            .stats
-            .events_acked
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
+        Metrics::total(&relay.metrics.events_acked) == 2
     })
     .await;
     let got = consume_all(&s.brokers, &[tc.topic("alt")], 2);
@@ -279,11 +257,7 @@ async fn column_added_mid_stream_keeps_flowing_and_bytea_payloads_are_raw() {
     .unwrap();
     let relay = start_relay(tc.config()).await;
     eventually(30, "bytea row acknowledged", || async {
-        relay
-            .stats
-            .events_acked
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1
+        Metrics::total(&relay.metrics.events_acked) == 1
     })
     .await;
     relay.stop().await.unwrap();

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use outbox_relay::config::Config;
 use outbox_relay::lsn::Lsn;
-use outbox_relay::relay::{self, RelayError, Stats};
+use outbox_relay::metrics::Metrics;
+use outbox_relay::relay::{self, RelayError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, TopicPartitionList};
@@ -395,7 +396,7 @@ impl TestCase {
 
 /// A relay running in this process.
 pub struct RunningRelay {
-    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     handle: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
@@ -407,11 +408,11 @@ pub fn spawn_relay(cfg: Config) -> RunningRelay {
         )
         .with_test_writer()
         .try_init();
-    let stats = Arc::new(Stats::default());
+    let metrics = Arc::new(Metrics::new());
     let (stop, rx) = watch::channel(false);
-    let handle = tokio::spawn(relay::run(cfg, stats.clone(), rx));
+    let handle = tokio::spawn(relay::run(cfg, metrics.clone(), rx));
     RunningRelay {
-        stats,
+        metrics,
         stop,
         handle,
     }
@@ -421,11 +422,7 @@ pub fn spawn_relay(cfg: Config) -> RunningRelay {
 pub async fn start_relay(cfg: Config) -> RunningRelay {
     let relay = spawn_relay(cfg);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !relay
-        .stats
-        .active
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
+    while !relay.metrics.is_active() {
         assert!(
             !relay.is_finished(),
             "relay stopped before streaming: {:?}",
@@ -610,4 +607,72 @@ pub fn consume_raw_values(brokers: &str, topic: &str, expected: usize) -> Vec<Ve
     }
     out.sort();
     out.into_iter().map(|(_, _, v)| v).collect()
+}
+
+/// A plain HTTP GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// A free loopback address for a metrics listener.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Value of one sample in Prometheus text format (`name{labels}` exactly as rendered).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+    })
+}
+
+/// Inserts `n` rows with seq `from..from+n` in one transaction; returns the WAL insert position after it.
+pub async fn insert_rows(
+    db: &tokio_postgres::Client,
+    table: &str,
+    aggregate_type: &str,
+    from: i64,
+    n: i64,
+) -> Lsn {
+    db.batch_execute(&format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload)
+         SELECT '{aggregate_type}', 'k' || (i % 10), 'E', jsonb_build_object('seq', i) FROM generate_series({from}, {to}) i",
+        to = from + n - 1
+    ))
+    .await
+    .unwrap();
+    db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap()
+}
+
+/// Sequence numbers (`payload.seq`) of consumed records.
+pub fn seqs(got: &[Consumed]) -> Vec<i64> {
+    got.iter()
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(&r.value).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
 }

@@ -6,7 +6,10 @@
 
 mod harness;
 
+mod admin;
 mod auth;
 mod delivery;
+mod ha;
+mod metrics;
 mod mock_broker;
 mod shutdown;

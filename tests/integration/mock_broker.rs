@@ -3,12 +3,13 @@
 //! acknowledged, and everything arrives once the broker is back.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbox_relay::lsn::Lsn;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use outbox_relay::metrics::Metrics;
 
 use crate::harness::*;
 
@@ -71,9 +72,9 @@ async fn slot_never_passes_unacknowledged_records_while_the_broker_is_down() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(relay.stats.events_acked.load(Ordering::Relaxed), 20);
+    assert_eq!(Metrics::total(&relay.metrics.events_acked), 20);
     assert!(
-        relay.stats.active.load(Ordering::Relaxed),
+        relay.metrics.is_active(),
         "replication stays connected during the outage"
     );
 
@@ -136,6 +137,6 @@ async fn retriable_produce_errors_are_retried_without_reordering_a_key() {
         );
     }
     assert_eq!(by_key.values().map(|v| v.len()).sum::<usize>(), 105);
-    assert_eq!(relay.stats.events_failed.load(Ordering::Relaxed), 0);
+    assert_eq!(Metrics::total(&relay.metrics.events_failed), 0);
     relay.stop().await.unwrap();
 }

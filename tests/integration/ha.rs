@@ -1,0 +1,128 @@
+//! Hot standby through the slot: two relay processes with one config; only one
+//! streams, the other stands by and takes over when the first is SIGKILLed.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_relay::lsn::Lsn;
+
+use crate::harness::*;
+
+fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn readyz(addr: &str) -> Option<(u16, String)> {
+    let a = addr.to_string();
+    tokio::task::spawn_blocking(move || http_get(&a, "/readyz"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_after_the_active_instance_is_killed() {
+    let tc = TestCase::new("ha").await;
+    let s = servers();
+    let dir = tempfile::tempdir().unwrap();
+    let (addr_a, addr_b) = (free_addr(), free_addr());
+    let extra = "standby_retry_ms = 200\n";
+    for (name, addr) in [("a", &addr_a), ("b", &addr_b)] {
+        let text = tc
+            .config_text(&s.brokers, "")
+            .replace("[relay]\n", &format!("[relay]\n{extra}"))
+            + &format!("\n[metrics]\nlisten = \"{addr}\"\n");
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+    let mut a = start(&dir.path().join("a.toml"), &dir.path().join("a.log"));
+    eventually(30, "instance a streaming", || async {
+        readyz(&addr_a)
+            .await
+            .is_some_and(|(c, b)| c == 200 && b.starts_with("ready"))
+    })
+    .await;
+    let mut b = start(&dir.path().join("b.toml"), &dir.path().join("b.log"));
+    eventually(30, "instance b standing by", || async {
+        readyz(&addr_b)
+            .await
+            .is_some_and(|(c, b)| c == 200 && b.starts_with("standby"))
+    })
+    .await;
+    let metrics_b = tokio::task::spawn_blocking({
+        let a = addr_b.clone();
+        move || http_get(&a, "/metrics").unwrap().1
+    })
+    .await
+    .unwrap();
+    assert_eq!(sample(&metrics_b, "outbox_relay_active"), Some(0.0));
+
+    const TOTAL: i64 = 2000;
+    let table = tc.table.clone();
+    let writer = tokio::spawn(async move {
+        let db = servers().sql().await;
+        for i in (0..TOTAL).step_by(5) {
+            insert_rows(&db, &table, "evt", i, 5).await;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    let start_lsn = tc.confirmed().await;
+    eventually(30, "progress", || async {
+        tc.confirmed().await > start_lsn
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    let killed = Instant::now();
+    eventually(30, "instance b takes over", || async {
+        readyz(&addr_b)
+            .await
+            .is_some_and(|(c, b)| c == 200 && b.starts_with("ready"))
+    })
+    .await;
+    let takeover = killed.elapsed();
+
+    writer.await.unwrap();
+    let end: Lsn = s
+        .sql()
+        .await
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    eventually(60, "instance b confirms everything", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &b.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(b.wait().unwrap().code(), Some(0));
+
+    let got = consume_until(&s.brokers, &[tc.topic("evt")], |got| {
+        seqs(got).into_iter().collect::<HashSet<_>>().len() >= TOTAL as usize
+    });
+    let all = seqs(&got);
+    let distinct: HashSet<i64> = all.iter().copied().collect();
+    let missing: Vec<i64> = (0..TOTAL).filter(|i| !distinct.contains(i)).collect();
+    assert!(missing.is_empty(), "rows lost in the failover: {missing:?}");
+    eprintln!(
+        "ha: {TOTAL} rows, {} records, {} duplicates, takeover {:?} after SIGKILL (standby_retry_ms = 200)",
+        all.len(),
+        all.len() - distinct.len(),
+        takeover
+    );
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+}
