@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::lsn::Lsn;
 
-pub use frame::{parse_copy_data, CopyData, FrameReader};
+pub use frame::{parse_copy_data, split_frame, CopyData, FrameReader};
 pub use startup::connect;
 
 /// A byte stream to the server: TCP or Unix socket (room for TLS later).
