@@ -41,6 +41,20 @@ impl AckTracker {
         }
     }
 
+    /// Like [`AckTracker::new`], numbering records from `first_seq`: reports of
+    /// records numbered below it (an earlier session's) are ignored.
+    pub fn starting_at(confirmed: Lsn, first_seq: Seq) -> Self {
+        AckTracker {
+            base: first_seq,
+            ..AckTracker::new(confirmed)
+        }
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_seq(&self) -> Seq {
+        self.base + self.acked.len() as Seq
+    }
+
     /// The highest LSN it is safe to confirm. Never decreases.
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
@@ -194,6 +208,20 @@ mod tests {
         assert_eq!(t.confirmed(), Lsn(120));
         t.keepalive(Lsn(130));
         assert_eq!(t.confirmed(), Lsn(130));
+    }
+
+    #[test]
+    fn reports_of_an_earlier_session_are_ignored() {
+        let mut t = AckTracker::starting_at(Lsn(10), 100);
+        t.begin();
+        let a = t.record();
+        assert_eq!(a, 100);
+        t.commit(Lsn(50));
+        assert_eq!(t.ack(7), 0, "seq 7 belongs to an earlier session");
+        assert_eq!(t.confirmed(), Lsn(10));
+        assert_eq!(t.ack(a), 1);
+        assert_eq!(t.confirmed(), Lsn(50));
+        assert_eq!(t.next_seq(), 101);
     }
 
     #[test]

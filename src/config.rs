@@ -67,6 +67,11 @@ pub struct PostgresConfig {
     /// Create the publication and the slot when they are missing. Default `true`.
     #[serde(default = "yes")]
     pub create_missing: bool,
+    /// Create the slot even when its publication already exists or the slot
+    /// disappeared while running (events committed meanwhile are skipped).
+    /// Default `false`: a missing slot is then a fatal error.
+    #[serde(default)]
+    pub recreate_missing_slot: bool,
     /// Interval between standby status updates, in milliseconds. Default 1000.
     /// Keep it well below the server's `wal_sender_timeout`.
     #[serde(default = "default_status_interval_ms")]
@@ -88,6 +93,29 @@ pub struct OutboxConfig {
     /// Column names of the outbox table.
     #[serde(default)]
     pub columns: Columns,
+    /// What to do with a row that cannot be delivered as a record (NULL routing
+    /// column, invalid topic, a record the broker rejects as too large or not
+    /// allowed): `stop` (default; nothing past it is confirmed) or `dead_letter`.
+    #[serde(default)]
+    pub on_invalid: OnInvalid,
+    /// Topic of dead-lettered rows. Default `outbox.dead_letter`.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+}
+
+/// The policy for rows that cannot become records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalid {
+    /// Stop with an error naming the row; confirm nothing past it.
+    #[default]
+    Stop,
+    /// Send the row to `dead_letter_topic` with headers saying why, and go on.
+    DeadLetter,
+}
+
+fn default_dead_letter_topic() -> String {
+    "outbox.dead_letter".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +244,8 @@ impl Default for OutboxConfig {
             topic: default_topic(),
             key: default_key(),
             columns: Columns::default(),
+            on_invalid: OnInvalid::Stop,
+            dead_letter_topic: default_dead_letter_topic(),
         }
     }
 }
@@ -490,6 +520,15 @@ impl Config {
             return Err(invalid(
                 "relay.reconnect_backoff_min_ms",
                 "must be at least 1 and not above relay.reconnect_backoff_max_ms",
+            ));
+        }
+        if !crate::outbox::valid_topic(&self.outbox.dead_letter_topic) {
+            return Err(invalid(
+                "outbox.dead_letter_topic",
+                format!(
+                    "{:?} is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)",
+                    self.outbox.dead_letter_topic
+                ),
             ));
         }
         if self.relay.standby_retry_ms < 10 {

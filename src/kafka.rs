@@ -16,7 +16,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer as _, ProducerContext, PurgeConfig, ThreadedProducer,
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use tokio::sync::mpsc;
 
@@ -47,6 +47,43 @@ pub struct DeliveryReport {
 pub struct DeliveryError {
     pub topic: String,
     pub error: KafkaError,
+    /// The record as sent, kept only when the error is permanent (for the dead-letter policy).
+    pub original: Option<Box<Record>>,
+}
+
+/// Broker or client errors that retrying cannot fix: the record itself is refused.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
+/// Copies a refused message back into a [`Record`] (rare path: permanent failures only).
+fn record_of(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    use rdkafka::message::Headers;
+    let bytes = |b: Option<&[u8]>| bytes::Bytes::copy_from_slice(b.unwrap_or_default());
+    Record {
+        topic: msg.topic().to_string(),
+        key: bytes(msg.key()),
+        value: bytes(msg.payload()),
+        headers: msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), bytes(h.value)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 fn hint(e: &KafkaError) -> &'static str {
@@ -152,9 +189,11 @@ impl ProducerContext for Context {
                     .events_failed
                     .with_label_values(&[msg.topic()])
                     .inc();
+                let original = is_permanent(error).then(|| Box::new(record_of(msg)));
                 Err(DeliveryError {
                     topic: msg.topic().to_string(),
                     error: error.clone(),
+                    original,
                 })
             }
         };
@@ -298,10 +337,5 @@ impl Producer {
     /// Waits up to `timeout` for everything enqueued to be delivered (blocking).
     pub fn flush(&self, timeout: Duration) -> bool {
         self.inner.flush(timeout).is_ok()
-    }
-
-    /// Drops everything not yet delivered; its reports arrive as failures.
-    pub fn purge(&self) {
-        self.inner.purge(PurgeConfig::default().queue().inflight());
     }
 }

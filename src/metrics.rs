@@ -32,6 +32,7 @@ pub struct Metrics {
     pub events_acked: IntCounterVec,
     pub events_failed: IntCounterVec,
     pub changes_ignored: IntCounterVec,
+    pub events_dead_lettered: IntCounterVec,
     pub transactions_received: IntCounter,
     pub transactions_confirmed: IntCounter,
     pub delivery_latency: Histogram,
@@ -134,6 +135,12 @@ impl Metrics {
                 "changes_ignored_total",
                 "Changes that are not outbox inserts (other tables, updates, deletes, truncates)",
                 &["kind"],
+            ),
+            events_dead_lettered: counter_vec(
+                &r,
+                "events_dead_lettered_total",
+                "Rows sent to the dead-letter topic (outbox.on_invalid = dead_letter), by reason",
+                &["reason"],
             ),
             transactions_received: counter(&r, "transactions_received_total", "Transactions received"),
             transactions_confirmed: counter(

@@ -74,6 +74,57 @@ pub enum MappingError {
     },
 }
 
+impl MappingError {
+    /// Short machine-readable reason (metric label and dead-letter header).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MappingError::MissingColumn { .. } => "missing_column",
+            MappingError::NullColumn { .. } => "null_column",
+            MappingError::UnexpectedToast { .. } => "unexpected_toast",
+            MappingError::ColumnCount { .. } => "column_count",
+            MappingError::BadBytea { .. } => "bad_bytea",
+            MappingError::BadTopic { .. } => "bad_topic",
+        }
+    }
+}
+
+/// Why a row goes to the dead-letter topic, for its headers.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// `null_column`, `bad_topic`, `too_large`, `rejected`, ...
+    pub reason: &'static str,
+    /// The full error message.
+    pub error: String,
+    /// The topic the row was meant for, when known.
+    pub original_topic: Option<&'a str>,
+}
+
+/// The dead-letter record for `original`: same key and relay headers, no value
+/// (the value may be what the broker refused), plus `error`, `reason`,
+/// `original_topic` and `original_size` headers.
+pub fn dead_letter_from_record(original: &Record, topic: &str, why: DeadLetter<'_>) -> Record {
+    let mut headers = original.headers.clone();
+    headers.push((
+        "original_size".into(),
+        Bytes::from(original.value.len().to_string()),
+    ));
+    push_reason(&mut headers, &why, Some(&original.topic));
+    Record {
+        topic: topic.to_string(),
+        key: original.key.clone(),
+        value: Bytes::new(),
+        headers,
+    }
+}
+
+fn push_reason(headers: &mut Vec<(String, Bytes)>, why: &DeadLetter<'_>, topic: Option<&str>) {
+    headers.push(("error".into(), Bytes::from(why.error.clone())));
+    headers.push(("reason".into(), Bytes::from_static(why.reason.as_bytes())));
+    if let Some(t) = why.original_topic.or(topic) {
+        headers.push(("original_topic".into(), Bytes::from(t.to_string())));
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Part {
     Literal(String),
@@ -110,6 +161,38 @@ impl OutboxTable {
             template: cfg.topic_template(),
             key: cfg.outbox.key.clone(),
             columns: cfg.outbox.columns.clone(),
+        }
+    }
+
+    /// The dead-letter record of a row that could not be mapped: key and value
+    /// from the configured columns where they exist and are not NULL, headers
+    /// `id`, `lsn`, `table`, `error`, `reason`.
+    pub fn dead_letter(
+        &self,
+        row: &Tuple,
+        rel: &Relation,
+        commit_lsn: Lsn,
+        topic: &str,
+        why: DeadLetter<'_>,
+    ) -> Record {
+        let value_of = |col: &str| -> Option<Bytes> {
+            match row.0.get(rel.column_index(col)?)? {
+                Value::Text(b) | Value::Binary(b) => Some(b.clone()),
+                _ => None,
+            }
+        };
+        let mut headers = Vec::with_capacity(6);
+        if let Some(id) = value_of(&self.columns.id) {
+            headers.push(("id".to_string(), id));
+        }
+        headers.push(("lsn".to_string(), Bytes::from(commit_lsn.to_string())));
+        headers.push(("table".to_string(), Bytes::from(rel.qualified_name())));
+        push_reason(&mut headers, &why, None);
+        Record {
+            topic: topic.to_string(),
+            key: value_of(&self.key).unwrap_or_default(),
+            value: value_of(&self.columns.payload).unwrap_or_default(),
+            headers,
         }
     }
 
@@ -475,6 +558,57 @@ mod tests {
             m.record(&r, Lsn(1), &rel),
             Err(MappingError::BadTopic { .. })
         ));
+    }
+
+    #[test]
+    fn dead_letter_records_say_why_and_keep_what_is_known() {
+        let rel = default_relation();
+        let tbl = table("");
+        let mut r = row(Value::Null);
+        r.0[1] = Value::Null;
+        let err = tbl
+            .mapping(&rel)
+            .unwrap()
+            .record(&r, Lsn(0x10), &rel)
+            .unwrap_err();
+        let why = DeadLetter {
+            reason: err.kind(),
+            error: err.to_string(),
+            original_topic: None,
+        };
+        let dl = tbl.dead_letter(&r, &rel, Lsn(0x10), "dlq", why);
+        assert_eq!(dl.topic, "dlq");
+        assert_eq!(&dl.key[..], b"order-7");
+        assert_eq!(&dl.value[..], br#"{"total": 3}"#);
+        let h: std::collections::HashMap<_, _> = dl
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(h["reason"], "null_column");
+        assert_eq!(h["lsn"], "0/10");
+        assert_eq!(h["table"], "public.outbox");
+        assert_eq!(h["id"], "6f1e0f8e-0000-4000-8000-000000000001");
+        assert!(h["error"].contains("NULL in column \"aggregate_type\""));
+
+        let ok = tbl
+            .mapping(&rel)
+            .unwrap()
+            .record(&row(Value::Null), Lsn(1), &rel)
+            .unwrap();
+        let why = DeadLetter {
+            reason: "too_large",
+            error: "too big".into(),
+            original_topic: None,
+        };
+        let dl = dead_letter_from_record(&ok, "dlq", why);
+        assert!(dl.value.is_empty());
+        assert!(dl
+            .headers
+            .contains(&("original_topic".into(), Bytes::from("outbox.event.order"))));
+        assert!(dl
+            .headers
+            .contains(&("original_size".into(), Bytes::from("12"))));
     }
 
     #[test]

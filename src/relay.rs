@@ -5,7 +5,7 @@
 //! in a loop with jittered backoff until shutdown or a fatal error. It owns no
 //! protocol details of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ack::{AckTracker, Seq};
 use crate::config::Config;
-use crate::kafka::{DeliveryError, DeliveryReport, KafkaSetupError, Producer, SendError};
+use crate::config::OnInvalid;
+use crate::kafka::{
+    is_permanent, DeliveryError, DeliveryReport, KafkaSetupError, Producer, SendError,
+};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::{Mapping, MappingError, OutboxTable, Record};
+use crate::outbox::{
+    dead_letter_from_record, DeadLetter, Mapping, MappingError, OutboxTable, Record,
+};
 use crate::pgoutput::{self, DecodeError, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup::{self, SetupError};
@@ -106,15 +111,27 @@ pub async fn run(
         metrics.clone(),
     ));
     let _stop_poller = AbortOnDrop(poller);
+    // One producer for the process: a PostgreSQL reconnect leaves records already
+    // in flight to finish (their reports carry an earlier session's sequence
+    // numbers and are ignored) instead of aborting requests mid-flight.
+    let (mut producer, mut reports) = Producer::new(&cfg.kafka, metrics.clone())?;
+    let mut next_seq: Seq = 0;
     let mut failures = 0u32;
+    let mut ever_streamed = false;
     loop {
         let mut session = Session {
             cfg: &cfg,
             outbox: &outbox,
             metrics: &metrics,
+            first: !ever_streamed,
             streamed: false,
+            first_seq: next_seq,
         };
-        let result = session.run(&pg, &mut shutdown).await;
+        let result = session
+            .run(&pg, &mut producer, &mut reports, &mut shutdown)
+            .await;
+        next_seq = session.first_seq;
+        ever_streamed |= session.streamed;
         let err = match result {
             Ok(()) => {
                 metrics.set_health(Health::Down("stopped".into()));
@@ -214,8 +231,13 @@ struct Session<'a> {
     cfg: &'a Config,
     outbox: &'a OutboxTable,
     metrics: &'a Arc<Metrics>,
+    /// No session of this process has streamed yet (a missing slot may be created).
+    first: bool,
     /// START_REPLICATION succeeded: the next failure starts the backoff afresh.
     streamed: bool,
+    /// Sequence number of this session's first record; on return, the next
+    /// session's (records of earlier sessions may still report back).
+    first_seq: Seq,
 }
 
 /// What the stream loop is doing with the transaction being received.
@@ -225,21 +247,26 @@ struct Stream {
     mappings: HashMap<u32, Result<Mapping, MappingError>>,
     commit_lsn: Lsn,
     commit_time: Timestamp,
-    /// A record the producer's full queue did not take yet; reading stops until it does.
-    pending: Option<(Seq, Record)>,
+    /// Records the producer's full queue did not take yet, in order; reading
+    /// stops until they are all enqueued.
+    pending: VecDeque<(Seq, Record)>,
 }
 
 impl Session<'_> {
     async fn run(
         &mut self,
         pg: &tokio_postgres::Config,
+        producer: &mut Producer,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
         shutdown: &mut ShutdownRx,
     ) -> Result<(), RelayError> {
         let cfg = self.cfg;
         let client = setup::sql_connect(pg).await?;
-        let slot = setup::prepare(&client, cfg).await?;
+        let slot = setup::prepare(&client, cfg, self.first).await?;
         drop(client);
-        let (mut producer, mut reports) = Producer::new(&cfg.kafka, self.metrics.clone())?;
+        if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
+            producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
+        }
         let conn = replication::connect(pg).await?;
         let (mut reader, mut writer) = conn
             .start_logical(&cfg.postgres.slot, Lsn::ZERO, &cfg.postgres.publication)
@@ -250,12 +277,12 @@ impl Session<'_> {
         tracing::info!(slot = %cfg.postgres.slot, confirmed = %slot.confirmed_flush, "streaming from slot");
 
         let mut s = Stream {
-            tracker: AckTracker::new(slot.confirmed_flush),
+            tracker: AckTracker::starting_at(slot.confirmed_flush, self.first_seq),
             relations: RelationCache::default(),
             mappings: HashMap::new(),
             commit_lsn: Lsn::ZERO,
             commit_time: Timestamp(0),
-            pending: None,
+            pending: VecDeque::new(),
         };
         let mut ticker =
             tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
@@ -265,17 +292,17 @@ impl Session<'_> {
             let step = tokio::select! {
                 biased;
                 _ = wait_shutdown(shutdown) => break Ok(()),
-                Some(report) = reports.recv() => self.on_report(&mut s, report),
+                Some(report) = reports.recv() => self.on_report(&mut s, producer, report),
                 _ = ticker.tick() => {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     self.send_status(&mut writer, &s).await
                 }
-                _ = tokio::time::sleep(Duration::from_millis(2)), if s.pending.is_some() => {
-                    self.retry_pending(&mut s, &producer)
+                _ = tokio::time::sleep(Duration::from_millis(2)), if !s.pending.is_empty() => {
+                    self.retry_pending(&mut s, producer)
                 }
-                event = reader.next(), if s.pending.is_none() => match event {
-                    Ok(Some(event)) => self.on_event(&mut s, &mut producer, &mut writer, event).await,
+                event = reader.next(), if s.pending.is_empty() => match event {
+                    Ok(Some(event)) => self.on_event(&mut s, producer, &mut writer, event).await,
                     Ok(None) => Err(ReplicationError::Closed { context: "streaming" }.into()),
                     Err(e) => Err(e.into()),
                 },
@@ -287,7 +314,7 @@ impl Session<'_> {
 
         // Broken connection: nothing more can be confirmed on it.
         if let Err(RelayError::Replication(_)) = &result {
-            producer.purge();
+            self.first_seq = s.tracker.next_seq();
             return result;
         }
         // Shutdown, a fatal row or a failed delivery: wait a bounded time for what
@@ -297,8 +324,8 @@ impl Session<'_> {
         } else {
             Duration::from_millis(cfg.relay.shutdown_timeout_ms)
         };
-        self.drain(&mut s, &mut reports, drain).await;
-        producer.purge();
+        self.drain(&mut s, producer, reports, drain).await;
+        self.first_seq = s.tracker.next_seq();
         let _ = self.send_status(&mut writer, &s).await;
         end_stream(reader, writer).await;
         self.metrics
@@ -311,6 +338,7 @@ impl Session<'_> {
     async fn drain(
         &self,
         s: &mut Stream,
+        producer: &Producer,
         reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
         limit: Duration,
     ) {
@@ -319,7 +347,7 @@ impl Session<'_> {
         while s.tracker.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, reports.recv()).await {
                 Ok(Some(report)) => {
-                    if let Err(e) = self.on_report(s, report) {
+                    if let Err(e) = self.on_report(s, producer, report) {
                         tracing::warn!(error = %e, "delivery failed while draining");
                     }
                 }
@@ -329,11 +357,84 @@ impl Session<'_> {
         tracing::debug!(waited = ?started.elapsed(), left = s.tracker.in_flight(), "drained deliveries");
     }
 
-    fn on_report(&self, s: &mut Stream, report: DeliveryReport) -> Result<(), RelayError> {
-        report.result?;
-        let confirmed = s.tracker.ack(report.seq);
-        self.metrics.transactions_confirmed.inc_by(confirmed as u64);
-        Ok(())
+    fn on_report(
+        &self,
+        s: &mut Stream,
+        producer: &Producer,
+        report: DeliveryReport,
+    ) -> Result<(), RelayError> {
+        if report.seq < self.first_seq {
+            // A record of an earlier session: this session sends it again anyway.
+            return Ok(());
+        }
+        match report.result {
+            Ok(()) => {
+                let confirmed = s.tracker.ack(report.seq);
+                self.metrics.transactions_confirmed.inc_by(confirmed as u64);
+                Ok(())
+            }
+            // The broker refused the record for good: dead-letter it under the same
+            // sequence number, so the position waits for the dead-letter record's ack.
+            Err(DeliveryError {
+                original: Some(original),
+                error,
+                ..
+            }) if self.dead_letter() => {
+                let why = DeadLetter {
+                    reason: "rejected",
+                    error: error.to_string(),
+                    original_topic: None,
+                };
+                self.send_dead_letter(
+                    s,
+                    producer,
+                    report.seq,
+                    dead_letter_from_record(&original, self.dlq(), why),
+                )
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn dead_letter(&self) -> bool {
+        self.cfg.outbox.on_invalid == OnInvalid::DeadLetter
+    }
+
+    fn dlq(&self) -> &str {
+        &self.cfg.outbox.dead_letter_topic
+    }
+
+    fn send_dead_letter(
+        &self,
+        s: &mut Stream,
+        producer: &Producer,
+        seq: Seq,
+        record: Record,
+    ) -> Result<(), RelayError> {
+        let reason = record
+            .headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "reason")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let reason = std::str::from_utf8(&reason).unwrap_or("unknown");
+        self.metrics
+            .events_dead_lettered
+            .with_label_values(&[reason])
+            .inc();
+        let id = record
+            .headers
+            .iter()
+            .find(|(k, _)| k == "id")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        tracing::warn!(reason, id = ?id, topic = %record.topic, "sending row to the dead-letter topic");
+        if s.pending.is_empty() {
+            self.enqueue(s, producer, seq, record)
+        } else {
+            s.pending.push_back((seq, record));
+            Ok(())
+        }
     }
 
     async fn send_status(&self, writer: &mut StatusWriter, s: &Stream) -> Result<(), RelayError> {
@@ -348,10 +449,13 @@ impl Session<'_> {
     }
 
     fn retry_pending(&self, s: &mut Stream, producer: &Producer) -> Result<(), RelayError> {
-        let Some((seq, record)) = s.pending.take() else {
-            return Ok(());
-        };
-        self.enqueue(s, producer, seq, record)
+        while let Some((seq, record)) = s.pending.pop_front() {
+            self.enqueue(s, producer, seq, record)?;
+            if !s.pending.is_empty() && s.pending.front().map(|p| p.0) == Some(seq) {
+                break; // still full: the record went back to the front
+            }
+        }
+        Ok(())
     }
 
     fn enqueue(
@@ -370,8 +474,33 @@ impl Session<'_> {
                 Ok(())
             }
             Err(SendError::QueueFull) => {
-                s.pending = Some((seq, record));
+                s.pending.push_front((seq, record));
                 Ok(())
+            }
+            Err(SendError::Rejected { error, .. })
+                if self.dead_letter() && is_permanent(&error) && record.topic != self.dlq() =>
+            {
+                let why = DeadLetter {
+                    reason: "too_large",
+                    error: error.to_string(),
+                    original_topic: None,
+                };
+                let why = if error.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                {
+                    why
+                } else {
+                    DeadLetter {
+                        reason: "rejected",
+                        ..why
+                    }
+                };
+                self.send_dead_letter(
+                    s,
+                    producer,
+                    seq,
+                    dead_letter_from_record(&record, self.dlq(), why),
+                )
             }
             Err(e) => Err(RelayError::Send(e)),
         }
@@ -435,9 +564,29 @@ impl Session<'_> {
                     .relations
                     .get(relation_id)
                     .ok_or(RelayError::UnknownRelation(relation_id))?;
-                let record = match mapping {
-                    Ok(m) => m.record(&new, s.commit_lsn, rel)?,
-                    Err(e) => return Err(e.clone().into()),
+                let mapped = match mapping {
+                    Ok(m) => m.record(&new, s.commit_lsn, rel),
+                    Err(e) => Err(e.clone()),
+                };
+                let record = match mapped {
+                    Ok(r) => r,
+                    Err(e) if self.dead_letter() => {
+                        let why = DeadLetter {
+                            reason: e.kind(),
+                            error: e.to_string(),
+                            original_topic: None,
+                        };
+                        let record =
+                            self.outbox
+                                .dead_letter(&new, rel, s.commit_lsn, self.dlq(), why);
+                        self.metrics
+                            .events_received
+                            .with_label_values(&[self.dlq()])
+                            .inc();
+                        let seq = s.tracker.record();
+                        return self.send_dead_letter(s, producer, seq, record);
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 self.metrics
                     .events_received

@@ -41,6 +41,8 @@ pub enum SetupError {
     PublicationMissesTable { name: String, table: TableName },
     #[error("replication slot {name:?} does not exist and postgres.create_missing is false; run SELECT pg_create_logical_replication_slot('{name}', 'pgoutput');")]
     NoSlot { name: String },
+    #[error("replication slot {name:?} is missing but its publication exists: the slot was dropped or lost, so events committed since its last confirmed position may be missing from Kafka; check the outbox table against Kafka, then create a new slot with `outbox-relay init` (or set postgres.recreate_missing_slot = true to let the relay do it)")]
+    SlotMissing { name: String },
     #[error("replication slot {name:?} uses plugin {plugin:?} (database {database:?}); the relay needs a pgoutput slot in database {expected_db:?}: use another slot name or drop it")]
     WrongSlot {
         name: String,
@@ -248,7 +250,17 @@ pub async fn read_role(client: &Client) -> Result<Role, SetupError> {
 }
 
 /// Checks the server and role, creates what is missing, and returns the slot's state.
-pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupError> {
+///
+/// The slot is created only on a first run, when this call also created the
+/// publication (or with `postgres.recreate_missing_slot`). A missing slot next to
+/// an existing publication means the slot was dropped or lost, and creating a
+/// new one would silently skip every event committed since: that is an error.
+/// `first_session` is false once this process has streamed from the slot.
+pub async fn prepare(
+    client: &Client,
+    cfg: &Config,
+    first_session: bool,
+) -> Result<SlotState, SetupError> {
     let table = cfg.table().expect("validated");
     check_wal_level(client).await?;
     let role = read_role(client).await?;
@@ -261,8 +273,9 @@ pub async fn prepare(client: &Client, cfg: &Config) -> Result<SlotState, SetupEr
     if !exists {
         return Err(SetupError::NoTable { table });
     }
-    ensure_publication(client, cfg, &table).await?;
-    ensure_slot(client, cfg, &role.database).await
+    let publication_created = ensure_publication(client, cfg, &table).await?;
+    let may_create = cfg.postgres.recreate_missing_slot || (first_session && publication_created);
+    ensure_slot(client, cfg, &role.database, may_create).await
 }
 
 /// `CREATE TABLE IF NOT EXISTS` of `sql/001_outbox.sql` for `table`, on one line, without `;`.
@@ -313,16 +326,18 @@ pub fn create_slot_sql(slot: &str) -> String {
     )
 }
 
+/// Creates the publication if missing; returns whether this call created it.
 async fn ensure_publication(
     client: &Client,
     cfg: &Config,
     table: &TableName,
-) -> Result<(), SetupError> {
+) -> Result<bool, SetupError> {
     let name = &cfg.postgres.publication;
     let found = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name])
         .await
         .map_err(q("looking up the publication"))?;
+    let mut created = false;
     if found.is_none() {
         if !cfg.postgres.create_missing {
             return Err(SetupError::NoPublication {
@@ -332,7 +347,10 @@ async fn ensure_publication(
         }
         let sql = create_publication_sql(name, table);
         match client.batch_execute(&sql).await {
-            Ok(()) => tracing::info!(publication = %name, table = %table, "created publication"),
+            Ok(()) => {
+                created = true;
+                tracing::info!(publication = %name, table = %table, "created publication")
+            }
             // Another relay instance created it at the same moment.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
             Err(source) => {
@@ -356,7 +374,7 @@ async fn ensure_publication(
             table: table.clone(),
         });
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Reads the slot; `None` if it does not exist.
@@ -391,11 +409,26 @@ async fn ensure_slot(
     client: &Client,
     cfg: &Config,
     database: &str,
+    may_create: bool,
 ) -> Result<SlotState, SetupError> {
     let name = &cfg.postgres.slot;
     if slot_state(client, name).await?.is_none() {
         if !cfg.postgres.create_missing {
             return Err(SetupError::NoSlot { name: name.clone() });
+        }
+        if !may_create {
+            // Another instance may have created the publication a moment ago and be
+            // creating the slot now: give it a few seconds before calling the slot lost.
+            for _ in 0..10 {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if slot_state(client, name).await?.is_some() {
+                    return Box::pin(ensure_slot(client, cfg, database, false)).await;
+                }
+            }
+            return Err(SetupError::SlotMissing { name: name.clone() });
+        }
+        if cfg.postgres.recreate_missing_slot {
+            tracing::warn!(slot = %name, "creating a missing replication slot (postgres.recreate_missing_slot): events committed while it was missing are not relayed");
         }
         match client
             .query_one(

@@ -34,8 +34,9 @@ const METRICS: &[&str] = &[
     "outbox_relay_events_received_total", // {topic}
     "outbox_relay_events_produced_total", // {topic}
     "outbox_relay_events_acked_total",    // {topic}
-    "outbox_relay_events_failed_total",   // {topic}
-    "outbox_relay_changes_ignored_total", // {kind}
+    "outbox_relay_events_failed_total",
+    "outbox_relay_events_dead_lettered_total", // {reason}   // {topic}
+    "outbox_relay_changes_ignored_total",      // {kind}
     "outbox_relay_transactions_received_total",
     "outbox_relay_transactions_confirmed_total",
     "outbox_relay_reconnects_total",

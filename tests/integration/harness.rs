@@ -153,7 +153,8 @@ fn wait_port(port: u16, what: &str, log: &Path) {
     }
 }
 
-fn start_servers() -> Servers {
+/// A fresh cluster directory: (dir, data dir, server binaries, postgres uid/gid when root).
+fn init_cluster() -> (PathBuf, PathBuf, PathBuf, Option<(u32, u32)>) {
     let ids = postgres_ids();
     let dir = tempfile::Builder::new()
         .prefix("outbox-relay-test-")
@@ -179,9 +180,8 @@ fn start_servers() -> Servers {
             "-E",
             "UTF8",
             "--no-sync",
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
         ])
+        .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
         .arg(format!("--pwfile={}", pwfile.display()))
         .output()
         .expect("initdb");
@@ -197,40 +197,47 @@ fn start_servers() -> Servers {
                host all plain_user 127.0.0.1/32 password\n\
                host all all 127.0.0.1/32 scram-sha-256\n";
     std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+    (dir, data, bin, ids)
+}
 
+/// Server options (after `-D data`): logical decoding, short wal_sender_timeout,
+/// a small logical_decoding_work_mem so large transactions spill, no fsync.
+/// `durable` keeps synchronous commits (a crash then loses no committed row).
+fn postgres_options(port: u16, socket_dir: &Path, durable: bool) -> Vec<String> {
+    let mut args = vec![
+        "-p".to_string(),
+        port.to_string(),
+        "-k".into(),
+        socket_dir.display().to_string(),
+    ];
+    for setting in [
+        "listen_addresses=127.0.0.1",
+        "wal_level=logical",
+        "max_wal_senders=64",
+        "max_replication_slots=64",
+        "wal_sender_timeout=10s",
+        "fsync=off",
+        if durable {
+            "synchronous_commit=on"
+        } else {
+            "synchronous_commit=off"
+        },
+        "full_page_writes=off",
+        "max_connections=200",
+        "logical_decoding_work_mem=64kB",
+    ] {
+        args.push("-c".into());
+        args.push(setting.into());
+    }
+    args
+}
+
+fn start_servers() -> Servers {
+    let (dir, data, bin, ids) = init_cluster();
     let pg_port = free_port();
     let pg_log = dir.join("postgres.log");
-    let args: Vec<String> = [
-        "-D",
-        data.to_str().unwrap(),
-        "-p",
-        &pg_port.to_string(),
-        "-k",
-        dir.to_str().unwrap(),
-        "-c",
-        "listen_addresses=127.0.0.1",
-        "-c",
-        "wal_level=logical",
-        "-c",
-        "max_wal_senders=64",
-        "-c",
-        "max_replication_slots=64",
-        "-c",
-        "wal_sender_timeout=10s",
-        "-c",
-        "fsync=off",
-        "-c",
-        "synchronous_commit=off",
-        "-c",
-        "full_page_writes=off",
-        "-c",
-        "max_connections=200",
-        "-c",
-        "logical_decoding_work_mem=64kB",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = vec!["-D".to_string(), data.display().to_string()];
+    args.extend(postgres_options(pg_port, &dir, false));
     let pg = supervise(
         &bin.join("postgres"),
         &args,
@@ -513,6 +520,8 @@ pub fn consume_until(
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-relay-tests")
         .set("enable.auto.commit", "false")
+        // tansu answers a fetch with about one batch: ask again at once.
+        .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -572,6 +581,11 @@ pub fn consume_until(
             }
         }
     }
+    assert!(
+        completed,
+        "gave up after 90 s with {} records read from {topics:?}",
+        out.len()
+    );
     out.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
     out
 }
@@ -675,4 +689,80 @@ pub fn seqs(got: &[Consumed]) -> Vec<i64> {
                 .unwrap()
         })
         .collect()
+}
+
+/// A PostgreSQL cluster of its own, for tests that stop or restart the server.
+/// Stopped and removed on drop.
+pub struct PgCluster {
+    pub port: u16,
+    dir: PathBuf,
+    data: PathBuf,
+    bin: PathBuf,
+    ids: Option<(u32, u32)>,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let (dir, data, bin, ids) = init_cluster();
+        let c = PgCluster {
+            port: free_port(),
+            dir,
+            data,
+            bin,
+            ids,
+        };
+        c.start_again();
+        c
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = as_postgres(&mut Command::new(self.bin.join("pg_ctl")), self.ids)
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn start_again(&self) {
+        let opts = postgres_options(self.port, &self.dir, true).join(" ");
+        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+    }
+
+    /// Stops the server: `mode` is `fast` or `immediate` (a crash).
+    pub fn stop(&self, mode: &str) {
+        self.pg_ctl(&["-w", "-m", mode, "stop"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&mut Command::new(self.bin.join("pg_ctl")), self.ids)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

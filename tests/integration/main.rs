@@ -8,7 +8,9 @@ mod harness;
 
 mod admin;
 mod auth;
+mod dead_letter;
 mod delivery;
+mod faults;
 mod ha;
 mod metrics;
 mod mock_broker;

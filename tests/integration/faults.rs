@@ -1,0 +1,345 @@
+//! Faults on the PostgreSQL side: the server restarted (fast and immediate),
+//! the walsender killed in the middle of a large transaction, the relay killed
+//! with SIGKILL again and again, and the slot dropped under a running relay.
+//! Every committed row reaches Kafka at least once; duplicates are counted.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_relay::config::Config;
+use outbox_relay::lsn::Lsn;
+use outbox_relay::metrics::Metrics;
+use outbox_relay::relay::RelayError;
+use outbox_relay::setup::SetupError;
+
+use crate::harness::*;
+
+async fn current_lsn(db: &tokio_postgres::Client) -> Lsn {
+    db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap()
+}
+
+/// Every row in the table is in `got`; returns the number of duplicates.
+fn assert_all_delivered(committed: &HashSet<i64>, got: &[Consumed]) -> usize {
+    let all = seqs(got);
+    let distinct: HashSet<i64> = all.iter().copied().collect();
+    let mut missing: Vec<_> = committed.difference(&distinct).copied().collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "committed rows never delivered: {missing:?}"
+    );
+    all.len() - distinct.len()
+}
+
+async fn committed_seqs(db: &tokio_postgres::Client, table: &str) -> HashSet<i64> {
+    db.query(
+        &format!("SELECT (payload->>'seq')::bigint FROM {table}"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<_, i64>(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_fast_and_immediate_lose_nothing() {
+    let pg = PgCluster::start();
+    let s = servers();
+    let tc = TestCase {
+        name: "pgrestart".into(),
+        table: "outbox".into(),
+    };
+    let db = pg.sql().await;
+    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
+        .await
+        .unwrap();
+    let text = tc.config_text(&s.brokers, "").replace(&s.url(), &pg.url());
+    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    let relay = start_relay(cfg).await;
+
+    let mut next = 0i64;
+    let started = Instant::now();
+    for mode in ["fast", "immediate"] {
+        let db = pg.sql().await;
+        for _ in 0..10 {
+            insert_rows(&db, "outbox", "evt", next, 10).await;
+            next += 10;
+        }
+        // A large transaction (well over logical_decoding_work_mem = 64kB) right before the stop.
+        db.batch_execute(&format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'evt', 'k' || (i % 10), 'E', jsonb_build_object('seq', i, 'pad', repeat('x', 100)) FROM generate_series({next}, {}) i",
+            next + 999
+        ))
+        .await
+        .unwrap();
+        next += 1000;
+        drop(db);
+        pg.stop(mode);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pg.start_again();
+        // The relay reconnects on its own with backoff.
+        eventually(60, "relay streaming again", || async {
+            relay.metrics.is_active()
+        })
+        .await;
+    }
+    let db = pg.sql().await;
+    let end = insert_rows(&db, "outbox", "evt", next, 10).await;
+    eventually(90, "everything confirmed after the restarts", || async {
+        let c = db.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'pgrestart'", &[]).await.unwrap();
+        c.get::<_, String>(0).parse::<Lsn>().unwrap() >= end
+    })
+    .await;
+    let committed = committed_seqs(&db, "outbox").await;
+    assert!(committed.len() >= 2200, "the writes committed");
+    let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
+        seqs(g).into_iter().collect::<HashSet<_>>().len() >= committed.len()
+    });
+    let duplicates = assert_all_delivered(&committed, &got);
+    eprintln!(
+        "pg restarts: {} rows committed, {} records, {duplicates} duplicates, {} reconnects, {:?}",
+        committed.len(),
+        got.len(),
+        relay.metrics.reconnects.get(),
+        started.elapsed()
+    );
+    assert!(relay.metrics.reconnects.get() >= 2);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walsender_killed_mid_large_transaction_delivers_it_whole() {
+    let tc = TestCase::new("cutconn").await;
+    let s = servers();
+    let relay = start_relay(tc.config()).await;
+    let db = s.sql().await;
+    // 5,000 rows with padding (0.6 MB, 10 times logical_decoding_work_mem), streamed by the walsender after commit.
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload)
+         SELECT 'evt', 'k' || (i % 10), 'E', jsonb_build_object('seq', i, 'pad', repeat('x', 100)) FROM generate_series(0, 4999) i",
+        t = tc.table
+    ))
+    .await
+    .unwrap();
+    let end = current_lsn(&db).await;
+    let t0 = std::time::Instant::now();
+    // Cut the replication connection while the transaction is in flight.
+    eventually(30, "first records of the transaction", || async {
+        Metrics::total(&relay.metrics.events_received) > 0
+    })
+    .await;
+    let received_at_cut = Metrics::total(&relay.metrics.events_received);
+    db.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&tc.name],
+    )
+    .await
+    .unwrap();
+    eventually(60, "transaction confirmed after reconnecting", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    let committed: HashSet<i64> = (0..5000).collect();
+    eprintln!(
+        "walsender cut: confirmed after {:?}; received {} produced {} acked {} failed {}",
+        t0.elapsed(),
+        Metrics::total(&relay.metrics.events_received),
+        Metrics::total(&relay.metrics.events_produced),
+        Metrics::total(&relay.metrics.events_acked),
+        Metrics::total(&relay.metrics.events_failed),
+    );
+    let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
+        seqs(g).into_iter().collect::<HashSet<_>>().len() >= 5000
+    });
+    let duplicates = assert_all_delivered(&committed, &got);
+    eprintln!(
+        "walsender cut: read after {:?}: 5000-row transaction, cut after {received_at_cut} received, {} records, {duplicates} duplicates, {} reconnects",
+        t0.elapsed(),
+        got.len(),
+        relay.metrics.reconnects.get()
+    );
+    assert!(
+        duplicates <= 5000,
+        "at most the interrupted transaction is sent again"
+    );
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
+    let tc = TestCase::new("dropslot").await;
+    let s = servers();
+    let relay = start_relay(tc.config()).await;
+    let db = s.sql().await;
+    // Kill the walsender and drop the slot before the relay reconnects.
+    db.batch_execute(&format!(
+        "DO $$ DECLARE p int; BEGIN
+           SELECT active_pid INTO p FROM pg_replication_slots WHERE slot_name = '{n}';
+           PERFORM pg_terminate_backend(p);
+           PERFORM pg_sleep(0.05);
+           PERFORM pg_drop_replication_slot('{n}');
+         END $$;",
+        n = tc.name
+    ))
+    .await
+    .unwrap();
+    let err = relay.join().await.unwrap_err();
+    assert!(
+        matches!(&err, RelayError::Setup(e) if matches!(**e, SetupError::SlotMissing { .. })),
+        "{err:?}"
+    );
+    assert!(err.is_fatal());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("may be missing from Kafka") && msg.contains("outbox-relay init"),
+        "{msg}"
+    );
+    let exists = db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&tc.name],
+        )
+        .await
+        .unwrap();
+    assert!(
+        exists.is_none(),
+        "the relay must not recreate the slot silently"
+    );
+
+    // A fresh start sees the publication without its slot: the same error, still no slot.
+    let err = spawn_relay(tc.config()).join().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is missing but its publication exists"),
+        "{err}"
+    );
+    assert!(db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&tc.name]
+        )
+        .await
+        .unwrap()
+        .is_none());
+
+    // Opting in recreates it.
+    let text = tc
+        .config_text(&s.brokers, "")
+        .replace("[postgres]\n", "[postgres]\nrecreate_missing_slot = true\n");
+    let relay = start_relay(Config::from_toml(&text, Path::new("t"), |_| None).unwrap()).await;
+    assert!(db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&tc.name]
+        )
+        .await
+        .unwrap()
+        .is_some());
+    relay.stop().await.unwrap();
+}
+
+fn spawn_binary(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
+    let tc = TestCase::new("sigkill").await;
+    let s = servers();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
+    let log = dir.path().join("relay.log");
+    let mut child = spawn_binary(&config, &log);
+    eventually(60, "relay streaming from its slot", || async {
+        let db = servers().sql().await;
+        db.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&tc.name],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
+
+    const TOTAL: i64 = 6000;
+    let table = tc.table.clone();
+    let writer = tokio::spawn(async move {
+        let db = servers().sql().await;
+        for i in (0..TOTAL).step_by(6) {
+            insert_rows(&db, &table, "evt", i, 6).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    // Deterministic pseudo-random kill points.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut kills = 0;
+    while !writer.is_finished() && kills < 12 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        tokio::time::sleep(Duration::from_millis(150 + state % 500)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        child = spawn_binary(&config, &log);
+    }
+    writer.await.unwrap();
+    let db = s.sql().await;
+    let end = current_lsn(&db).await;
+    eventually(90, "last instance confirms everything", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
+        seqs(g).into_iter().collect::<HashSet<_>>().len() >= TOTAL as usize
+    });
+    let committed: HashSet<i64> = (0..TOTAL).collect();
+    let duplicates = assert_all_delivered(&committed, &got);
+    // Per key, first occurrences in partition order follow commit order (seq order per key).
+    let mut seen = HashSet::new();
+    let mut firsts: HashMap<String, Vec<i64>> = HashMap::new();
+    for (r, seq) in got.iter().zip(seqs(&got)) {
+        if seen.insert(seq) {
+            firsts.entry(r.key.clone()).or_default().push(seq);
+        }
+    }
+    for (k, v) in firsts {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "first occurrences of key {k} out of commit order"
+        );
+    }
+    eprintln!(
+        "sigkill: {kills} kills, {TOTAL} rows, {} records, {duplicates} duplicates",
+        got.len()
+    );
+}
