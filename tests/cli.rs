@@ -79,3 +79,53 @@ fn config_errors_exit_2_with_one_line_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn json_logs_never_contain_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = config(&format!(
+        "[postgres]\nurl = \"postgresql://relay:hunter2@127.0.0.1:{port}/app\"\n[relay]\nreconnect_backoff_min_ms = 50\nreconnect_backoff_max_ms = 100\n[metrics]\nlisten = \"\"\n"
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            f.path().to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "debug")
+        .env_remove("OUTBOX_RELAY_POSTGRES_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "SIGTERM while reconnecting is a clean stop"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("session failed; reconnecting")),
+        "{err}"
+    );
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some(), "{l}");
+    }
+    assert!(!err.contains("hunter2"), "password in the logs:\n{err}");
+}
