@@ -90,7 +90,7 @@ fn json_logs_never_contain_the_password() {
     let f = config(&format!(
         "[postgres]\nurl = \"postgresql://relay:hunter2@127.0.0.1:{port}/app\"\n[relay]\nreconnect_backoff_min_ms = 50\nreconnect_backoff_max_ms = 100\n[metrics]\nlisten = \"\"\n"
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args([
             "--log-format",
             "json",

@@ -47,13 +47,7 @@ async fn null_routing_column_and_oversized_record_are_dead_lettered_and_the_stre
     ))
     .await
     .unwrap();
-    let end: Lsn = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let end: Lsn = wal_insert_lsn(&db).await;
     eventually(30, "everything confirmed past the bad rows", || async {
         tc.confirmed().await >= end
     })

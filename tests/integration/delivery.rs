@@ -125,13 +125,7 @@ async fn writes_to_other_tables_advance_the_slot_while_the_outbox_is_idle() {
     )
     .await
     .unwrap();
-    let after_write: Lsn = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let after_write: Lsn = wal_insert_lsn(&db).await;
     assert!(
         after_write.bytes_since(before) > 100_000,
         "the write produced WAL"
@@ -195,13 +189,7 @@ async fn a_full_producer_queue_pauses_reading_and_loses_nothing() {
     ))
     .await
     .unwrap();
-    let end: Lsn = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let end: Lsn = wal_insert_lsn(&db).await;
     eventually(120, "backlog drained and confirmed", || async {
         tc.confirmed().await >= end
     })
@@ -285,13 +273,7 @@ async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_
     ))
     .await
     .unwrap();
-    let good_end: Lsn = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let good_end: Lsn = wal_insert_lsn(&db).await;
     db.batch_execute(&format!(
         "INSERT INTO {t} (id, aggregate_type, aggregate_id, event_type, payload) VALUES ('00000000-0000-4000-8000-0000000000aa', 'bad', NULL, 'Bad', '{{}}');"
     ))
@@ -311,13 +293,7 @@ async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_
         confirmed >= good_end,
         "the good row before it was confirmed"
     );
-    let bad_commit: Lsn = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let bad_commit: Lsn = wal_insert_lsn(&db).await;
     assert!(
         confirmed < bad_commit,
         "slot {confirmed} must stay before the bad row"

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbox_relay::config::Config;
@@ -15,15 +15,6 @@ use outbox_relay::relay::RelayError;
 use outbox_relay::setup::SetupError;
 
 use crate::harness::*;
-
-async fn current_lsn(db: &tokio_postgres::Client) -> Lsn {
-    db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
-}
 
 /// Every row in the table is in `got`; returns the number of duplicates.
 fn assert_all_delivered(committed: &HashSet<i64>, got: &[Consumed]) -> usize {
@@ -131,7 +122,7 @@ async fn walsender_killed_mid_large_transaction_delivers_it_whole() {
     ))
     .await
     .unwrap();
-    let end = current_lsn(&db).await;
+    let end = wal_insert_lsn(&db).await;
     let t0 = std::time::Instant::now();
     // Cut the replication connection while the transaction is in flight.
     eventually(30, "first records of the transaction", || async {
@@ -248,21 +239,6 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     relay.stop().await.unwrap();
 }
 
-fn spawn_binary(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
     let tc = TestCase::new("sigkill").await;
@@ -271,7 +247,7 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = spawn_binary(&config, &log);
+    let mut child = spawn_relay_binary(&config, &log);
     eventually(60, "relay streaming from its slot", || async {
         let db = servers().sql().await;
         db.query_opt(
@@ -304,11 +280,11 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
-        child = spawn_binary(&config, &log);
+        child = spawn_relay_binary(&config, &log);
     }
     writer.await.unwrap();
     let db = s.sql().await;
-    let end = current_lsn(&db).await;
+    let end = wal_insert_lsn(&db).await;
     eventually(90, "last instance confirms everything", || async {
         tc.confirmed().await >= end
     })

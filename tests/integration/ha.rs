@@ -2,21 +2,10 @@
 //! streams, the other stands by and takes over when the first is SIGKILLed.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outbox_relay::lsn::Lsn;
-
 use crate::harness::*;
-
-fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
 
 async fn readyz(addr: &str) -> Option<(u16, String)> {
     let a = addr.to_string();
@@ -39,14 +28,14 @@ async fn standby_takes_over_after_the_active_instance_is_killed() {
             + &format!("\n[metrics]\nlisten = \"{addr}\"\n");
         std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
     }
-    let mut a = start(&dir.path().join("a.toml"), &dir.path().join("a.log"));
+    let mut a = spawn_relay_binary(&dir.path().join("a.toml"), &dir.path().join("a.log"));
     eventually(30, "instance a streaming", || async {
         readyz(&addr_a)
             .await
             .is_some_and(|(c, b)| c == 200 && b.starts_with("ready"))
     })
     .await;
-    let mut b = start(&dir.path().join("b.toml"), &dir.path().join("b.log"));
+    let mut b = spawn_relay_binary(&dir.path().join("b.toml"), &dir.path().join("b.log"));
     eventually(30, "instance b standing by", || async {
         readyz(&addr_b)
             .await
@@ -89,15 +78,7 @@ async fn standby_takes_over_after_the_active_instance_is_killed() {
     let takeover = killed.elapsed();
 
     writer.await.unwrap();
-    let end: Lsn = s
-        .sql()
-        .await
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let end = wal_insert_lsn(&s.sql().await).await;
     eventually(60, "instance b confirms everything", || async {
         tc.confirmed().await >= end
     })

@@ -672,11 +672,32 @@ pub async fn insert_rows(
     ))
     .await
     .unwrap();
+    wal_insert_lsn(db).await
+}
+
+/// The server's WAL insert position: at or after the end of every commit so far.
+pub async fn wal_insert_lsn(db: &tokio_postgres::Client) -> Lsn {
     db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)
         .parse()
+        .unwrap()
+}
+
+/// Starts the `outbox-relay` binary (`run --config`), its stderr appended to `log`.
+pub fn spawn_relay_binary(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
         .unwrap()
 }
 

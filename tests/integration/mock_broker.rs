@@ -14,21 +14,7 @@ use outbox_relay::metrics::Metrics;
 use crate::harness::*;
 
 async fn insert_tx(tc: &TestCase, from: i64, n: i64) -> Lsn {
-    let db = servers().sql().await;
-    db.batch_execute(&format!(
-        "INSERT INTO {t} (aggregate_type, aggregate_id, event_type, payload)
-         SELECT 'evt', 'k' || (i % 5), 'E', jsonb_build_object('seq', i) FROM generate_series({from}, {to}) i",
-        t = tc.table,
-        to = from + n - 1
-    ))
-    .await
-    .unwrap();
-    db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
+    insert_rows(&servers().sql().await, &tc.table, "evt", from, n).await
 }
 
 fn seqs_by_key(records: &[Consumed]) -> HashMap<String, Vec<i64>> {

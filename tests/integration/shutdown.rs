@@ -2,22 +2,12 @@
 //! row; the only duplicates are records the slot had not confirmed at the stop.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use outbox_relay::lsn::Lsn;
 
 use crate::harness::*;
-
-fn start_binary(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_then_restart_delivers_every_row() {
@@ -27,7 +17,7 @@ async fn sigterm_mid_stream_then_restart_delivers_every_row() {
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = start_binary(&config, &log);
+    let mut child = spawn_relay_binary(&config, &log);
 
     // Rows committed before the slot exists are not part of its stream: wait for it.
     eventually(60, "relay streaming from its slot", || async {
@@ -82,17 +72,9 @@ async fn sigterm_mid_stream_then_restart_delivers_every_row() {
     assert!(stderr.contains("stopped streaming"), "{stderr}");
     let confirmed_at_stop = tc.confirmed().await;
 
-    let mut child = start_binary(&config, &log);
+    let mut child = spawn_relay_binary(&config, &log);
     writer.await.unwrap();
-    let end: Lsn = s
-        .sql()
-        .await
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let end = wal_insert_lsn(&s.sql().await).await;
     eventually(60, "restarted relay confirms everything", || async {
         tc.confirmed().await >= end
     })
