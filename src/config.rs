@@ -58,6 +58,12 @@ pub struct PostgresConfig {
     /// Required unless `OUTBOX_RELAY_POSTGRES_URL` is set, which overrides it.
     #[serde(default)]
     pub url: Option<String>,
+    /// File holding the connection string (a mounted secret), instead of `url`.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// File holding the password, which then need not be in the URL.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Logical replication slot (pgoutput). Default `outbox_relay`.
     #[serde(default = "default_name")]
     pub slot: String,
@@ -296,6 +302,11 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path:?}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("cannot read secret file {path:?}: {source}; check postgres.url_file / postgres.password_file")]
+    ReadSecret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{key} is missing: {hint}")]
     Missing { key: &'static str, hint: String },
     #[error("invalid {key}: {message}")]
@@ -449,6 +460,14 @@ impl Config {
         })?;
         if let Some(url) = env(ENV_POSTGRES_URL).filter(|v| !v.is_empty()) {
             cfg.postgres.url = Some(url);
+            cfg.postgres.url_file = None;
+        } else if let Some(file) = &cfg.postgres.url_file {
+            if cfg.postgres.url.is_some() {
+                return Err(ConfigError::Conflict {
+                    message: "postgres.url and postgres.url_file are both set; remove one".into(),
+                });
+            }
+            cfg.postgres.url = Some(read_secret(file)?);
         }
         if let Some(b) = env(ENV_KAFKA_BROKERS).filter(|v| !v.is_empty()) {
             cfg.kafka.brokers = b;
@@ -587,6 +606,9 @@ impl Config {
             _ => cfg.ssl_mode(tokio_postgres::config::SslMode::Disable),
         };
         cfg.application_name("outbox-relay");
+        if let Some(file) = &self.postgres.password_file {
+            cfg.password(read_secret(file)?);
+        }
         Ok(cfg)
     }
 
@@ -608,6 +630,23 @@ impl Config {
     pub fn topic_template(&self) -> Vec<TemplatePart> {
         parse_topic_template(&self.outbox.topic).expect("validated")
     }
+}
+
+/// Reads a secret file; the content is trimmed of surrounding whitespace and
+/// never appears in an error.
+fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadSecret {
+        path: path.into(),
+        source,
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "postgres.url_file/password_file",
+            message: format!("{path:?} is empty"),
+        });
+    }
+    Ok(text.to_string())
 }
 
 /// Renders a TOML property value as the string librdkafka expects.
@@ -696,6 +735,34 @@ mod tests {
             );
             assert!(!err.contains("s3cret"), "password leaked: {err}");
         }
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("url");
+        let pw = dir.path().join("pw");
+        std::fs::write(&url, "postgresql://relay@db:5432/app\n").unwrap();
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let text = format!(
+            "[postgres]\nurl_file = {:?}\npassword_file = {:?}\n",
+            url, pw
+        );
+        let c = parse(&text).unwrap();
+        let pg = c.postgres_config().unwrap();
+        assert_eq!(pg.get_user(), Some("relay"));
+        assert_eq!(pg.get_password(), Some(&b"s3cret"[..]));
+
+        let both = format!(
+            "[postgres]\nurl = \"postgresql://a@b/c\"\nurl_file = {:?}\n",
+            url
+        );
+        assert!(parse(&both).unwrap_err().to_string().contains("remove one"));
+        let missing = "[postgres]\nurl_file = \"/nonexistent/url\"\n";
+        assert!(parse(missing)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read secret file \"/nonexistent/url\""));
     }
 
     #[test]
