@@ -24,6 +24,17 @@ pub struct Record {
     pub headers: Vec<(String, Bytes)>,
 }
 
+impl Record {
+    /// The last header named `name` (the one a consumer's "last header" sees).
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+}
+
 /// Why a row cannot become a record.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum MappingError {

@@ -45,6 +45,13 @@ pub enum RelayError {
     Send(SendError),
     #[error("insert into relation {0} arrived before its Relation message")]
     UnknownRelation(u32),
+    #[error("Kafka refused the record of event {id} (commit LSN {lsn}) for topic {topic:?} for good: {error}; nothing past it is confirmed; fix the row or the topic, or set outbox.on_invalid = \"dead_letter\"")]
+    Refused {
+        topic: String,
+        id: String,
+        lsn: String,
+        error: rdkafka::error::KafkaError,
+    },
 }
 
 impl From<SetupError> for RelayError {
@@ -65,7 +72,8 @@ impl RelayError {
             RelayError::Decode { .. }
             | RelayError::Mapping(_)
             | RelayError::Send(_)
-            | RelayError::UnknownRelation(_) => true,
+            | RelayError::UnknownRelation(_)
+            | RelayError::Refused { .. } => true,
         }
     }
 
@@ -79,7 +87,7 @@ impl RelayError {
             RelayError::Mapping(_) => "invalid_row",
             RelayError::Kafka(_) => "kafka_setup",
             RelayError::Delivery(_) => "delivery",
-            RelayError::Send(_) => "produce",
+            RelayError::Send(_) | RelayError::Refused { .. } => "produce",
             RelayError::UnknownRelation(_) => "protocol",
         }
     }
@@ -392,6 +400,12 @@ impl Session<'_> {
                     dead_letter_from_record(&original, self.dlq(), why),
                 )
             }
+            // Refused for good under the stop policy: stop, naming the event.
+            Err(DeliveryError {
+                original: Some(original),
+                error,
+                ..
+            }) => Err(refused(&original, error)),
             Err(e) => Err(e.into()),
         }
     }
@@ -411,23 +425,17 @@ impl Session<'_> {
         seq: Seq,
         record: Record,
     ) -> Result<(), RelayError> {
-        let reason = record
-            .headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "reason")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let reason = std::str::from_utf8(&reason).unwrap_or("unknown");
+        let text = |k: &str| {
+            record
+                .header(k)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let reason = text("reason").unwrap_or_else(|| "unknown".into());
         self.metrics
             .events_dead_lettered
-            .with_label_values(&[reason])
+            .with_label_values(&[&reason])
             .inc();
-        let id = record
-            .headers
-            .iter()
-            .find(|(k, _)| k == "id")
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let id = text("id");
         tracing::warn!(reason, id = ?id, topic = %record.topic, "sending row to the dead-letter topic");
         if s.pending.is_empty() {
             self.enqueue(s, producer, seq, record)
@@ -501,6 +509,9 @@ impl Session<'_> {
                     seq,
                     dead_letter_from_record(&record, self.dlq(), why),
                 )
+            }
+            Err(SendError::Rejected { error, .. }) if is_permanent(&error) => {
+                Err(refused(&record, error))
             }
             Err(e) => Err(RelayError::Send(e)),
         }
@@ -618,6 +629,21 @@ impl Session<'_> {
             tracing::debug!(change = kind, table = %table, "ignored change");
         }
         Ok(())
+    }
+}
+
+/// The fatal error for a record Kafka refused for good, naming its event.
+fn refused(record: &Record, error: rdkafka::error::KafkaError) -> RelayError {
+    let header = |k: &str| {
+        record
+            .header(k)
+            .map_or_else(|| "?".into(), |v| String::from_utf8_lossy(v).into_owned())
+    };
+    RelayError::Refused {
+        topic: record.topic.clone(),
+        id: header("id"),
+        lsn: header("lsn"),
+        error,
     }
 }
 

@@ -126,3 +126,85 @@ async fn retriable_produce_errors_are_retried_without_reordering_a_key() {
     assert_eq!(Metrics::total(&relay.metrics.events_failed), 0);
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_stops_the_relay_or_is_dead_lettered() {
+    use RDKafkaRespErr::*;
+    // Policy stop: the relay stops with an error naming the event; the slot stays before it.
+    let tc = TestCase::new("mockrefuse").await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let relay = start_relay(tc.config_precreated_topics(&brokers, "")).await;
+    let warm = insert_tx(&tc, 0, 3).await;
+    eventually(30, "warm-up confirmed", || async {
+        tc.confirmed().await >= warm
+    })
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let refused_end = insert_tx(&tc, 3, 1).await;
+    let err = relay.join().await.unwrap_err();
+    assert!(err.is_fatal());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Kafka refused the record of event") && msg.contains("on_invalid"),
+        "{msg}"
+    );
+    assert!(
+        tc.confirmed().await < refused_end,
+        "nothing past the refused record is confirmed"
+    );
+
+    // Policy dead_letter: the refused records go to the dead-letter topic and the stream goes on.
+    let tc = TestCase::new("mockrefusedlq").await;
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    mock.create_topic("mockrefusedlq.dlq", 1, 1).unwrap();
+    let text = tc
+        .config_text(&brokers, "")
+        .replace("create_topics = true", "create_topics = false")
+        .replace(
+            "[outbox]\n",
+            "[outbox]\non_invalid = \"dead_letter\"\ndead_letter_topic = \"mockrefusedlq.dlq\"\n",
+        );
+    let cfg = outbox_relay::config::Config::from_toml(&text, std::path::Path::new("t"), |_| None)
+        .unwrap();
+    let relay = start_relay(cfg).await;
+    let warm = insert_tx(&tc, 0, 3).await;
+    eventually(30, "warm-up confirmed", || async {
+        tc.confirmed().await >= warm
+    })
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    insert_tx(&tc, 3, 5).await;
+    let end = insert_tx(&tc, 8, 2).await;
+    eventually(
+        30,
+        "everything confirmed past the refused batch",
+        || async { tc.confirmed().await >= end },
+    )
+    .await;
+    let dead = consume_all(&brokers, &["mockrefusedlq.dlq".to_string()], 1);
+    let good = consume_all(&brokers, &[tc.topic("evt")], 10 - dead.len());
+    assert!(!dead.is_empty());
+    assert!(dead.iter().all(|r| r.header("reason") == Some("rejected")
+        && r.header("original_topic") == Some(tc.topic("evt").as_str())));
+    let mut all: Vec<String> = dead
+        .iter()
+        .chain(good.iter())
+        .map(|r| r.header("id").unwrap().to_string())
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 10, "every row either delivered or dead-lettered");
+    assert_eq!(
+        Metrics::total(&relay.metrics.events_dead_lettered),
+        dead.len() as u64
+    );
+    relay.stop().await.unwrap();
+}
