@@ -208,3 +208,47 @@ async fn a_record_the_broker_refuses_stops_the_relay_or_is_dead_lettered() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_bounds_records_in_flight_keeps_the_walsender_and_drains() {
+    let tc = TestCase::new("mockslow").await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 3, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    // 300 ms per produce round trip and at most 500 records inside librdkafka.
+    let relay = start_relay(tc.config_precreated_topics(
+        &brokers,
+        "[kafka.properties]\n\"queue.buffering.max.messages\" = 500\n",
+    ))
+    .await;
+    mock.broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    let db = servers().sql().await;
+    let mut end = Lsn::ZERO;
+    for i in 0..20 {
+        end = insert_rows(&db, &tc.table, "evt", i * 500, 500).await;
+    }
+    let mut max_in_flight = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while tc.confirmed().await < end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog did not drain"
+        );
+        max_in_flight = max_in_flight.max(relay.metrics.records_in_flight.get());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        relay.metrics.reconnects.get(),
+        0,
+        "the walsender was never timed out"
+    );
+    // At most the producer queue plus the one record waiting for room.
+    assert!(max_in_flight <= 501, "{max_in_flight} records in flight");
+    assert!(max_in_flight > 0);
+    assert_eq!(Metrics::total(&relay.metrics.events_acked), 10_000);
+    eprintln!(
+        "slow broker: 10000 rows drained, at most {max_in_flight} records in flight, 0 reconnects"
+    );
+    relay.stop().await.unwrap();
+}
