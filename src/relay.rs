@@ -50,7 +50,7 @@ pub enum RelayError {
         topic: String,
         id: String,
         lsn: String,
-        error: rdkafka::error::KafkaError,
+        error: String,
     },
 }
 
@@ -643,7 +643,7 @@ fn refused(record: &Record, error: rdkafka::error::KafkaError) -> RelayError {
         topic: record.topic.clone(),
         id: header("id"),
         lsn: header("lsn"),
-        error,
+        error: error.to_string(),
     }
 }
 
