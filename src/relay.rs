@@ -300,12 +300,15 @@ impl Session<'_> {
             let step = tokio::select! {
                 biased;
                 _ = wait_shutdown(shutdown) => break Ok(()),
-                Some(report) = reports.recv() => self.on_report(&mut s, producer, report),
+                // The timer comes before the reports so a steady stream of
+                // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     self.send_status(&mut writer, &s).await
                 }
+                // Acknowledgements before new input: memory stays bounded.
+                Some(report) = reports.recv() => self.on_report(&mut s, producer, report),
                 _ = tokio::time::sleep(Duration::from_millis(2)), if !s.pending.is_empty() => {
                     self.retry_pending(&mut s, producer)
                 }
