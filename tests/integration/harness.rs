@@ -509,7 +509,7 @@ pub fn consume_all(brokers: &str, topics: &[String], expected: usize) -> Vec<Con
 }
 
 /// Reads `topics` (all partitions, from the beginning) until `complete` holds
-/// for what was read, then until nothing more arrives for a second; 90 s at most.
+/// for what was read, then until nothing more arrives for a second; 150 s at most (tansu reads large batches slowly).
 /// Offsets are not assumed dense (tansu's are not), so watermarks are not used.
 pub fn consume_until(
     brokers: &str,
@@ -524,7 +524,7 @@ pub fn consume_until(
         .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(150);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         // Metadata of a just-created topic can briefly show no partitions.
@@ -583,7 +583,7 @@ pub fn consume_until(
     }
     assert!(
         completed,
-        "gave up after 90 s with {} records read from {topics:?}",
+        "gave up after 150 s with {} records read from {topics:?}",
         out.len()
     );
     out.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
