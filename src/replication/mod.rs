@@ -222,42 +222,23 @@ impl StatusWriter {
         }
         self.buf.put_i64(pg_now());
         self.buf.put_u8(u8::from(reply_requested));
-        self.io
-            .write_all(&self.buf)
-            .await
-            .map_err(|source| ReplicationError::Io {
-                context: "sending a status update",
-                source,
-            })?;
-        self.io
-            .flush()
-            .await
-            .map_err(|source| ReplicationError::Io {
-                context: "sending a status update",
-                source,
-            })?;
+        self.write_buf("sending a status update").await?;
         self.last_sent = lsn;
         Ok(())
+    }
+
+    /// Writes and flushes `self.buf`.
+    async fn write_buf(&mut self, context: &'static str) -> Result<(), ReplicationError> {
+        let io_err = |source| ReplicationError::Io { context, source };
+        self.io.write_all(&self.buf).await.map_err(io_err)?;
+        self.io.flush().await.map_err(io_err)
     }
 
     /// Ends the copy stream (CopyDone) so the server closes it cleanly.
     pub async fn copy_done(&mut self) -> Result<(), ReplicationError> {
         self.buf.clear();
         postgres_protocol::message::frontend::copy_done(&mut self.buf);
-        self.io
-            .write_all(&self.buf)
-            .await
-            .map_err(|source| ReplicationError::Io {
-                context: "ending the stream",
-                source,
-            })?;
-        self.io
-            .flush()
-            .await
-            .map_err(|source| ReplicationError::Io {
-                context: "ending the stream",
-                source,
-            })
+        self.write_buf("ending the stream").await
     }
 
     /// Says goodbye (Terminate) and closes the socket.
