@@ -188,7 +188,17 @@ async fn run(cfg: Config) -> ExitCode {
             }
         }
     }
-    match relay::run(cfg, metrics, rx).await {
+    // On a worker thread, next to the I/O driver: fewer cross-thread wake-ups
+    // than running the stream loop on the thread that blocks on the runtime.
+    let relay = tokio::spawn(relay::run(cfg, metrics, rx));
+    let result = match relay.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outbox-relay: the relay task failed: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "relay stopped");
