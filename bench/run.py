@@ -14,9 +14,9 @@ Starts its own PostgreSQL cluster and tansu broker on free ports unless --pg-url
 --brokers are given, and stops and removes everything it started, also on failure
 or Ctrl-C. Writes results.json and results.md to --out (default target/bench/<time>/).
 
-    bench/run.py            # default, about 8 minutes on 2 cores
-    bench/run.py --quick    # about 2 minutes
-    bench/run.py --profile  # also: perf profile of a catch-up (needs perf)
+    bench/run.py                  # default, about 4-5 minutes on 2 cores
+    bench/run.py --quick          # about 1 minute (plus the build)
+    bench/run.py --profile perf   # also profile two catch-ups (or --profile callgrind)
 
 Python 3.11 standard library only; PostgreSQL client programs through subprocess.
 """
@@ -127,15 +127,16 @@ def stop_process(p: subprocess.Popen, sig=signal.SIGTERM, timeout=20.0) -> None:
 
 
 def spawn(args, *, log_path: Path | None = None, stdout=None, stderr=None, env=None, **kw) -> subprocess.Popen:
-    out = err = None
-    if log_path is not None:
-        f = open(log_path, "ab")
-        out = stdout if stdout is not None else f
-        err = stderr if stderr is not None else f
-    else:
-        out, err = stdout, stderr
-    p = subprocess.Popen([str(a) for a in args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                         env=env, preexec_fn=_die_with_parent, **kw)
+    """Starts a child that is stopped at exit; its output goes to log_path unless
+    stdout/stderr say otherwise."""
+    f = open(log_path, "ab") if log_path is not None else None
+    try:
+        p = subprocess.Popen([str(a) for a in args], stdout=stdout if stdout is not None else f,
+                             stderr=stderr if stderr is not None else f, stdin=subprocess.DEVNULL,
+                             env=env, preexec_fn=_die_with_parent, **kw)
+    finally:
+        if f is not None:
+            f.close()  # the child holds its own descriptor
     CLEANUP.add(f"{Path(str(args[0])).name} (pid {p.pid})", lambda: stop_process(p))
     return p
 
@@ -393,11 +394,6 @@ class Sql:
     def one(self, q: str) -> str:
         rows = self.query(q)
         return rows[0] if rows else ""
-
-
-def psql_file(url: str, sql: str, timeout=None) -> str:
-    r = run([pg_bin() / "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql], timeout=timeout)
-    return r.stdout.strip()
 
 
 def lsn_int(lsn: str) -> int:
