@@ -195,15 +195,8 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
         msg.contains("may be missing from Kafka") && msg.contains("outbox-relay init"),
         "{msg}"
     );
-    let exists = db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&tc.name],
-        )
-        .await
-        .unwrap();
     assert!(
-        exists.is_none(),
+        !tc.slot_exists(false).await,
         "the relay must not recreate the slot silently"
     );
 
@@ -214,28 +207,14 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
             .contains("is missing but its publication exists"),
         "{err}"
     );
-    assert!(db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&tc.name]
-        )
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!tc.slot_exists(false).await);
 
     // Opting in recreates it.
     let text = tc
         .config_text(&s.brokers, "")
         .replace("[postgres]\n", "[postgres]\nrecreate_missing_slot = true\n");
     let relay = start_relay(Config::from_toml(&text, Path::new("t"), |_| None).unwrap()).await;
-    assert!(db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&tc.name]
-        )
-        .await
-        .unwrap()
-        .is_some());
+    assert!(tc.slot_exists(false).await);
     relay.stop().await.unwrap();
 }
 
@@ -244,21 +223,7 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
     let tc = TestCase::new("sigkill").await;
     let s = servers();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
-    let log = dir.path().join("relay.log");
-    let mut child = spawn_relay_binary(&config, &log);
-    eventually(60, "relay streaming from its slot", || async {
-        let db = servers().sql().await;
-        db.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&tc.name],
-        )
-        .await
-        .unwrap()
-        .is_some()
-    })
-    .await;
+    let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 6000;
     let table = tc.table.clone();

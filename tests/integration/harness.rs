@@ -385,6 +385,37 @@ impl TestCase {
         format!("{}.{aggregate_type}", self.name)
     }
 
+    /// Whether this test's slot exists (and, with `active`, is streaming to someone).
+    pub async fn slot_exists(&self, active: bool) -> bool {
+        let sql = if active {
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active"
+        } else {
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1"
+        };
+        servers()
+            .sql()
+            .await
+            .query_opt(sql, &[&self.name])
+            .await
+            .unwrap()
+            .is_some()
+    }
+
+    /// Writes this test's config into `dir`, starts the relay binary on it and
+    /// waits until it streams from its slot (rows committed before the slot
+    /// exists are not part of its stream). Returns (config, log, child).
+    pub async fn start_binary(&self, dir: &Path) -> (PathBuf, PathBuf, Child) {
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, self.config_text(&servers().brokers, "")).unwrap();
+        let log = dir.join("relay.log");
+        let child = spawn_relay_binary(&config, &log);
+        eventually(60, "relay streaming from its slot", || {
+            self.slot_exists(true)
+        })
+        .await;
+        (config, log, child)
+    }
+
     /// The slot's confirmed_flush_lsn.
     pub async fn confirmed(&self) -> Lsn {
         let c = servers().sql().await;

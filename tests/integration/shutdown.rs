@@ -14,36 +14,14 @@ async fn sigterm_mid_stream_then_restart_delivers_every_row() {
     let tc = TestCase::new("sigterm").await;
     let s = servers();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
-    let log = dir.path().join("relay.log");
-    let mut child = spawn_relay_binary(&config, &log);
-
-    // Rows committed before the slot exists are not part of its stream: wait for it.
-    eventually(60, "relay streaming from its slot", || async {
-        let db = servers().sql().await;
-        db.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&tc.name],
-        )
-        .await
-        .unwrap()
-        .is_some()
-    })
-    .await;
+    let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 4000;
     let table = tc.table.clone();
     let writer = tokio::spawn(async move {
         let db = servers().sql().await;
         for i in (0..TOTAL).step_by(5) {
-            db.batch_execute(&format!(
-                "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload)
-                 SELECT 'evt', 'k' || (i % 10), 'E', jsonb_build_object('seq', i) FROM generate_series({i}, {}) i",
-                i + 4
-            ))
-            .await
-            .unwrap();
+            insert_rows(&db, &table, "evt", i, 5).await;
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
     });
