@@ -150,17 +150,10 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("outbox-relay: cannot start the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            rt.block_on(run(cfg))
+            match runtime(tokio::runtime::Builder::new_multi_thread()) {
+                Ok(rt) => rt.block_on(run(cfg)),
+                Err(code) => code,
+            }
         }
     }
 }
@@ -206,6 +199,16 @@ async fn run(cfg: Config) -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Builds the async runtime; a failure is reported and becomes exit code 1.
+pub(crate) fn runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("outbox-relay: cannot start the async runtime: {e}");
+        ExitCode::from(1)
+    })
 }
 
 fn exit_code(e: &RelayError) -> u8 {
