@@ -19,9 +19,14 @@ use crate::config::Config;
 use crate::setup::{self, SetupError};
 
 mod init;
+mod replay;
 mod status;
 
-pub use init::{inspect, plan, Facts, Item, ItemState, PublicationFacts, SlotFacts, TableFacts};
+pub use replay::{check_range, Range, ReplayArgs};
+
+pub use init::{
+    inspect, plan, Facts, Item, ItemState, PublicationFacts, SlotFacts, StateFacts, TableFacts,
+};
 #[cfg(test)]
 use status::{bytes, Status};
 
@@ -65,6 +70,19 @@ pub fn status_main(cfg: &Config, config_path: &Path, json: bool) -> ExitCode {
             1
         }))
     })
+}
+
+/// `--help` footer of `replay`.
+pub const REPLAY_HELP: &str = "How it works: the request goes into the replay_request table; the instance holding the slot finishes its in-flight deliveries, streams again from the slot's confirmed position (the start of the replay window), produces the transactions of the range again with a `replayed` header, skips the rest up to the checkpoint, and carries on live. With no instance running, this command holds the slot and does it itself, producing nothing outside the range and confirming nothing.
+
+Exit codes: 0 replayed, 1 PostgreSQL or Kafka failed or the request was not executed in time, 2 bad usage or configuration, or a range the slot no longer retains (the message names the earliest replayable LSN).";
+
+/// Runs `outbox-relay replay`.
+pub fn replay_main(cfg: &Config, args: &ReplayArgs) -> ExitCode {
+    with_client(
+        cfg,
+        |client| async move { replay::run(client, cfg, args).await },
+    )
 }
 
 /// Connects, runs `f`, and turns its outcome into the exit code (`Some(code)` = failed).

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::Config;
+use crate::config::{Config, SinkKind};
+use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::relay::{self, RelayError};
+use crate::relay::{self, RelayError, RunOptions};
 
 const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
 
@@ -42,6 +43,52 @@ pub enum Command {
     /// on SIGTERM/SIGINT waits relay.shutdown_timeout_ms for in-flight deliveries.
     #[command(after_help = EXIT_HELP)]
     Run {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Start from this LSN (X/X) instead of the slot's confirmed position and
+        /// produce every transaction committed after it, even if acknowledged
+        /// before; refused if it is behind the slot's confirmed position.
+        #[arg(long, value_name = "LSN")]
+        start_lsn: Option<Lsn>,
+    },
+    /// Produce again every outbox event committed in an LSN range (inside the replay window).
+    ///
+    /// Re-sends the events of transactions whose commit end LSN is after
+    /// --from-lsn and at most --to-lsn (default: the checkpoint), with the same
+    /// topic, key, value and headers plus a `replayed` header (the request id).
+    /// The live stream then continues where it was; the checkpoint never moves
+    /// back. Refused, naming the earliest replayable LSN, if the slot no longer
+    /// retains the start of the range (see [replay] window).
+    #[command(after_help = crate::admin::REPLAY_HELP)]
+    Replay {
+        /// Path of the TOML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Replay transactions that end after this LSN (X/X), e.g. a message's `lsn` header.
+        #[arg(long, value_name = "LSN")]
+        from_lsn: Lsn,
+        /// Replay transactions that end at or before this LSN. Default: the checkpoint.
+        #[arg(long, value_name = "LSN")]
+        to_lsn: Option<Lsn>,
+        /// Append this to every replayed record's topic (e.g. ".replay").
+        #[arg(long, value_name = "SUFFIX", conflicts_with = "only_topic")]
+        topic_suffix: Option<String>,
+        /// Replay only the records routed to this topic.
+        #[arg(long, value_name = "TOPIC")]
+        only_topic: Option<String>,
+        /// How long to wait for a running instance to execute the request, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Print what the relay would send, one JSON line per record, from a temporary slot.
+    ///
+    /// Streams new outbox inserts from a temporary replication slot (dropped
+    /// when the command ends) to stdout as JSON lines: topic, key, value,
+    /// headers, lsn. Touches neither Kafka nor the relay's slot, so it runs
+    /// beside a live relay. Stop with Ctrl-C.
+    #[command(after_help = EXIT_HELP)]
+    Tail {
         /// Path of the TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
@@ -145,20 +192,61 @@ pub fn main() -> ExitCode {
             Ok(cfg) => crate::admin::status_main(&cfg, &config, json),
             Err(code) => code,
         },
-        Command::Run { config } => {
+        Command::Run { config, start_lsn } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let opts = RunOptions {
+                start_lsn,
+                ..RunOptions::default()
+            };
             match runtime(tokio::runtime::Builder::new_multi_thread()) {
-                Ok(rt) => rt.block_on(run(cfg)),
+                Ok(rt) => rt.block_on(run(cfg, opts)),
+                Err(code) => code,
+            }
+        }
+        Command::Replay {
+            config,
+            from_lsn,
+            to_lsn,
+            topic_suffix,
+            only_topic,
+            wait_secs,
+        } => match load(&config) {
+            Ok(cfg) => crate::admin::replay_main(
+                &cfg,
+                &crate::admin::ReplayArgs {
+                    from: from_lsn,
+                    to: to_lsn,
+                    only_topic,
+                    topic_suffix,
+                    wait: std::time::Duration::from_secs(wait_secs),
+                },
+            ),
+            Err(code) => code,
+        },
+        Command::Tail { config } => {
+            let mut cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            cfg.sink.kind = SinkKind::Stdout;
+            cfg.sink.confirm = Some(false);
+            cfg.metrics.listen.clear();
+            let opts = RunOptions {
+                temporary_slot: Some(format!("outbox_relay_tail_{}", std::process::id())),
+                ..RunOptions::default()
+            };
+            match runtime(tokio::runtime::Builder::new_multi_thread()) {
+                Ok(rt) => rt.block_on(run(cfg, opts)),
                 Err(code) => code,
             }
         }
     }
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(cfg: Config, opts: RunOptions) -> ExitCode {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -183,7 +271,7 @@ async fn run(cfg: Config) -> ExitCode {
     }
     // On a worker thread, next to the I/O driver: fewer cross-thread wake-ups
     // than running the stream loop on the thread that blocks on the runtime.
-    let relay = tokio::spawn(relay::run(cfg, metrics, rx));
+    let relay = tokio::spawn(relay::run_with(cfg, metrics, rx, opts));
     let result = match relay.await {
         Ok(r) => r,
         Err(e) => {
@@ -215,6 +303,7 @@ fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
         RelayError::Replication(crate::replication::ReplicationError::Auth { .. }) => 2,
+        RelayError::StartBehindSlot { .. } => 2,
         _ => 1,
     }
 }

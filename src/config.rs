@@ -11,6 +11,9 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+mod replay;
+pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
+
 /// Environment variable that overrides `postgres.url` (keeps the password out of the file).
 pub const ENV_POSTGRES_URL: &str = "OUTBOX_RELAY_POSTGRES_URL";
 /// Environment variable that overrides `kafka.brokers`.
@@ -28,6 +31,12 @@ pub struct Config {
     pub relay: RelayConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    #[serde(default)]
+    pub sink: SinkConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -550,6 +559,7 @@ impl Config {
                 ),
             ));
         }
+        replay::validate(&self.checkpoint, &self.replay, &self.sink)?;
         if self.relay.standby_retry_ms < 10 {
             return Err(invalid("relay.standby_retry_ms", "must be at least 10"));
         }

@@ -117,6 +117,9 @@ pub enum SendError {
     QueueFull,
     #[error("cannot enqueue record for topic {topic:?}: {error}")]
     Rejected { topic: String, error: KafkaError },
+    /// The stdout sink could not write (closed pipe, full disk).
+    #[error("cannot write the record to stdout: {0}")]
+    Output(std::io::Error),
 }
 
 /// An error creating the producer or a topic.

@@ -30,3 +30,5 @@ pub mod pgoutput;
 pub mod relay;
 pub mod replication;
 pub mod setup;
+pub mod sink;
+pub mod state;

@@ -48,6 +48,13 @@ pub struct Metrics {
     pub reconnects: IntCounter,
     pub errors: IntCounterVec,
     pub active: IntGauge,
+    pub checkpoint_lsn: Gauge,
+    pub transactions_skipped: IntCounter,
+    pub events_skipped: IntCounter,
+    pub events_replayed: IntCounter,
+    pub replay_window_start_lsn: Gauge,
+    pub replay_window_bytes: Gauge,
+    pub replay_window_age_seconds: Gauge,
     health: Mutex<Health>,
 }
 
@@ -165,6 +172,29 @@ impl Metrics {
             reconnects: counter(&r, "reconnects_total", "Sessions restarted after an error"),
             errors: counter_vec(&r, "errors_total", "Errors by kind", &["kind"]),
             active: int_gauge(&r, "active", "1 while this instance streams from the slot, 0 while standing by"),
+            checkpoint_lsn: gauge(&r, "checkpoint_lsn", "Acknowledged position stored in the checkpoint table, in bytes"),
+            transactions_skipped: counter(
+                &r,
+                "transactions_skipped_total",
+                "Transactions not produced again because the checkpoint shows them acknowledged",
+            ),
+            events_skipped: counter(&r, "events_skipped_total", "Outbox rows in skipped transactions"),
+            events_replayed: counter(&r, "events_replayed_total", "Records produced again for replay requests"),
+            replay_window_start_lsn: gauge(
+                &r,
+                "replay_window_start_lsn",
+                "Oldest replayable position (the slot position kept for [replay] window), in bytes",
+            ),
+            replay_window_bytes: gauge(
+                &r,
+                "replay_window_bytes",
+                "WAL between the replay window's start and the acknowledged position",
+            ),
+            replay_window_age_seconds: gauge(
+                &r,
+                "replay_window_age_seconds",
+                "Seconds since the replay window's start was acknowledged",
+            ),
             health: Mutex::new(Health::Down("starting".into())),
             registry: r,
         }
@@ -226,6 +256,14 @@ impl Metrics {
     fn update_lag(&self) {
         let lag = (self.server_wal_end_lsn.get() - self.confirmed_lsn.get()).max(0.0);
         self.replication_lag_bytes.set(lag);
+    }
+
+    /// The replay window: its start, the acknowledged position and the start's age.
+    pub fn set_replay_window(&self, start: Lsn, acked: Lsn, age: std::time::Duration) {
+        self.replay_window_start_lsn.set(start.0 as f64);
+        self.replay_window_bytes
+            .set(acked.0.saturating_sub(start.0) as f64);
+        self.replay_window_age_seconds.set(age.as_secs_f64());
     }
 
     pub fn error(&self, kind: &str) {

@@ -94,6 +94,12 @@ pub enum SetupError {
     /// The configured columns do not match the table (or the table `init` would create).
     #[error(transparent)]
     Columns(MappingError),
+    #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and postgres.create_missing is false; run `outbox-relay init` or apply sql/002_relay_state.sql")]
+    NoState { schema: String },
+    #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and this role may not create schema {schema:?}; run `outbox-relay init` as a role with CREATE on the database, or apply sql/002_relay_state.sql and grant this role USAGE on the schema and SELECT, INSERT, UPDATE on its tables")]
+    NoCreateState { schema: String },
+    #[error("role {role_sql} may not use the relay's state tables in schema {schema:?}; as their owner run GRANT USAGE ON SCHEMA {} TO {role_sql}; GRANT SELECT, INSERT, UPDATE ON {0}.checkpoint, {0}.replay_request TO {role_sql}; GRANT USAGE ON SEQUENCE {0}.replay_request_id_seq TO {role_sql}; or set [checkpoint] schema to a schema of this role", quote_ident(.schema))]
+    NoStatePrivileges { schema: String, role_sql: String },
 }
 
 fn schema_of(t: &TableName) -> &str {
@@ -261,6 +267,17 @@ pub async fn prepare(
     cfg: &Config,
     first_session: bool,
 ) -> Result<SlotState, SetupError> {
+    let (role, publication_created) = prepare_publication(client, cfg).await?;
+    let may_create = cfg.postgres.recreate_missing_slot || (first_session && publication_created);
+    ensure_slot(client, cfg, &role.database, may_create).await
+}
+
+/// The checks of [`prepare`] and the publication, without the slot (for a
+/// temporary slot). Returns the role and whether the publication was created.
+pub async fn prepare_publication(
+    client: &Client,
+    cfg: &Config,
+) -> Result<(Role, bool), SetupError> {
     let table = cfg.table().expect("validated");
     check_wal_level(client).await?;
     let role = read_role(client).await?;
@@ -273,9 +290,8 @@ pub async fn prepare(
     if !exists {
         return Err(SetupError::NoTable { table });
     }
-    let publication_created = ensure_publication(client, cfg, &table).await?;
-    let may_create = cfg.postgres.recreate_missing_slot || (first_session && publication_created);
-    ensure_slot(client, cfg, &role.database, may_create).await
+    let created = ensure_publication(client, cfg, &table).await?;
+    Ok((role, created))
 }
 
 /// `CREATE TABLE IF NOT EXISTS` of `sql/001_outbox.sql` for `table`, on one line, without `;`.

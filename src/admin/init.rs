@@ -25,6 +25,17 @@ pub struct Facts {
     pub publication: Option<PublicationFacts>,
     /// `None` if the slot does not exist.
     pub slot: Option<SlotFacts>,
+    pub state: StateFacts,
+}
+
+/// The relay's own tables (`[checkpoint] schema`).
+#[derive(Debug, Clone)]
+pub struct StateFacts {
+    pub exists: bool,
+    /// The role may read and write them (if they exist).
+    pub usable: bool,
+    /// The role may create what is missing (CREATE on the database, or on the existing schema).
+    pub may_create: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +171,24 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
                 active: state.active_pid.is_some(),
                 wal_status: state.wal_status,
             });
+    let schema = &cfg.checkpoint.schema;
+    let may_create: bool = client
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'CREATE')
+                 OR COALESCE((SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = $1), false)",
+            &[schema],
+        )
+        .await
+        .map_err(q("checking privileges for the relay's state tables"))?
+        .get(0);
+    let privileges = crate::state::privileges(client, schema).await?;
+    let state = StateFacts {
+        exists: privileges.is_some(),
+        usable: privileges.unwrap_or(false),
+        may_create,
+    };
     Ok(Facts {
+        state,
         wal_level: settings.get(0),
         max_replication_slots: settings.get(1),
         slots_in_use: settings.get(2),
@@ -332,6 +360,25 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 if s.active { "active" } else { "inactive" }
             )),
             None => Create(setup::create_slot_sql(slot)),
+        },
+    ));
+
+    let schema = &cfg.checkpoint.schema;
+    items.push(item(
+        format!("state tables {schema}"),
+        if f.state.exists && (f.state.usable || role.superuser) {
+            ItemState::Ok("checkpoint, replay_request".into())
+        } else if f.state.exists {
+            Problem(SetupError::NoStatePrivileges {
+                schema: schema.clone(),
+                role_sql: role.name_sql.clone(),
+            })
+        } else if !f.state.may_create && !role.superuser {
+            Problem(SetupError::NoCreateState {
+                schema: schema.clone(),
+            })
+        } else {
+            Create(crate::state::state_sql(schema).join("; "))
         },
     ));
     items

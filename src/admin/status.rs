@@ -2,12 +2,14 @@
 //! publication and the reason to exit 1, as aligned text or one JSON object.
 
 use std::path::Path;
+use std::time::SystemTime;
 
 use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::setup::{self, q, SetupError, SlotReport};
+use crate::state::{Checkpoint, StateStore};
 
 /// What `status` shows.
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ pub(super) struct Status {
     pub(super) current_wal: Lsn,
     pub(super) publication: String,
     pub(super) publication_tables: Option<Vec<String>>,
+    /// The relay's stored position (None: no state tables or nothing stored yet).
+    pub(super) checkpoint: Option<Checkpoint>,
 }
 
 /// `status --json`: one flat object; LSNs as `X/X`, byte counts as numbers.
@@ -38,6 +42,11 @@ pub(super) struct StatusJson<'a> {
     publication: &'a str,
     publication_exists: bool,
     publication_tables: &'a [String],
+    checkpoint_lsn: Option<Lsn>,
+    checkpoint_age_seconds: Option<u64>,
+    earliest_replayable_lsn: Option<Lsn>,
+    replay_window_bytes: Option<u64>,
+    replay_window_age_seconds: Option<u64>,
 }
 
 pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupError> {
@@ -55,7 +64,13 @@ pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupE
         Some(r) => r.current_wal,
         None => setup::current_wal(client).await?,
     };
+    let checkpoint = if crate::state::exists(client, &cfg.checkpoint.schema).await? {
+        StateStore::new(client, cfg).load().await?
+    } else {
+        None
+    };
     Ok(Status {
+        checkpoint,
         slot: slot.clone(),
         report,
         kind,
@@ -116,7 +131,23 @@ impl Status {
             publication: &self.publication,
             publication_exists: self.publication_tables.is_some(),
             publication_tables: self.publication_tables.as_deref().unwrap_or_default(),
+            checkpoint_lsn: self.checkpoint.map(|c| c.acked),
+            checkpoint_age_seconds: self.checkpoint.map(|c| age(c.acked_at)),
+            earliest_replayable_lsn: r.map(|r| r.confirmed_flush),
+            replay_window_bytes: self.window_bytes(),
+            replay_window_age_seconds: self.window_age(),
         }
+    }
+
+    /// Replayable WAL: from the slot's confirmed position to the checkpoint.
+    fn window_bytes(&self) -> Option<u64> {
+        let (r, c) = (self.report.as_ref()?, self.checkpoint?);
+        Some(c.acked.0.saturating_sub(r.confirmed_flush.0))
+    }
+
+    /// How long ago the replay window's start was acknowledged (a relay with `[replay] window`).
+    fn window_age(&self) -> Option<u64> {
+        self.checkpoint?.window_start.map(|(_, t)| age(t))
     }
 
     /// Aligned `key  value` lines; keys are the JSON field names.
@@ -156,11 +187,38 @@ impl Status {
             };
             rows.push(("publication_tables", list));
         }
+        let lsn = |l: Option<Lsn>| l.map_or("-".into(), |l| l.to_string());
+        rows.push((
+            "checkpoint_lsn",
+            match self.checkpoint {
+                Some(c) => format!("{} ({}s ago)", c.acked, age(c.acked_at)),
+                None => "- (nothing stored yet)".into(),
+            },
+        ));
+        rows.push((
+            "earliest_replayable_lsn",
+            lsn(self.report.as_ref().map(|r| r.confirmed_flush)),
+        ));
+        rows.push((
+            "replay_window_bytes",
+            self.window_bytes().map_or("-".into(), bytes),
+        ));
+        rows.push((
+            "replay_window_age_seconds",
+            self.window_age().map_or("-".into(), |a| a.to_string()),
+        ));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter()
             .map(|(k, v)| format!("{k:<width$}  {v}\n"))
             .collect()
     }
+}
+
+/// Whole seconds from `t` to now (0 for a time in the future).
+fn age(t: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(t)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `1234567 (1.2 MiB)`; small counts stay plain.

@@ -53,6 +53,11 @@ fn fresh() -> Facts {
         },
         publication: None,
         slot: None,
+        state: StateFacts {
+            exists: false,
+            usable: false,
+            may_create: true,
+        },
     }
 }
 
@@ -98,6 +103,7 @@ fn fresh_database_creates_table_publication_and_slot_in_order() {
             "columns: ok",
             "publication p: create: CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert')",
             "slot s: create: SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+            &format!("state tables outbox_relay: create: {}", crate::state::state_sql("outbox_relay").join("; ")),
         ]
     );
 }
@@ -116,6 +122,8 @@ fn everything_in_place_is_all_ok() {
         active: true,
         wal_status: Some("reserved".into()),
     });
+    f.state.exists = true;
+    f.state.usable = true;
     // All slots and walsenders in use, but ours are among them.
     f.slots_in_use = 10;
     f.wal_senders_in_use = 10;
@@ -279,6 +287,7 @@ fn status(report: Option<SlotReport>) -> Status {
         current_wal: Lsn(0x1_0000_2000),
         publication: "p".into(),
         publication_tables: Some(vec!["public.outbox".into()]),
+        checkpoint: None,
     }
 }
 
@@ -297,20 +306,31 @@ fn report() -> SlotReport {
 
 #[test]
 fn status_text_is_aligned_and_json_is_flat() {
-    let s = status(Some(report()));
+    let mut s = status(Some(report()));
+    // In the future: the age is 0 whenever the test runs.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    s.checkpoint = Some(crate::state::Checkpoint {
+        acked: Lsn(0x1_0000_1800),
+        acked_at: later,
+        window_start: Some((Lsn(0x1_0000_1000), later)),
+    });
     assert_eq!(
         s.text(),
-        "slot                 s
-active               yes
-active_pid           4242
-confirmed_flush_lsn  1/1000
-restart_lsn          0/FFF00000
-retained_wal_bytes   1056768 (1.0 MiB)
-wal_status           reserved
-current_wal_lsn      1/2000
-lag_bytes            4096 (4.0 KiB)
-publication          p
-publication_tables   public.outbox
+        "slot                       s
+active                     yes
+active_pid                 4242
+confirmed_flush_lsn        1/1000
+restart_lsn                0/FFF00000
+retained_wal_bytes         1056768 (1.0 MiB)
+wal_status                 reserved
+current_wal_lsn            1/2000
+lag_bytes                  4096 (4.0 KiB)
+publication                p
+publication_tables         public.outbox
+checkpoint_lsn             1/1800 (0s ago)
+earliest_replayable_lsn    1/1000
+replay_window_bytes        2048 (2.0 KiB)
+replay_window_age_seconds  0
 "
     );
     let json = serde_json::to_value(s.json()).unwrap();
@@ -319,6 +339,9 @@ publication_tables   public.outbox
     assert_eq!(json["lag_bytes"], 4096);
     assert_eq!(json["wal_status"], "reserved");
     assert_eq!(json["publication_tables"][0], "public.outbox");
+    assert_eq!(json["checkpoint_lsn"], "1/1800");
+    assert_eq!(json["earliest_replayable_lsn"], "1/1000");
+    assert_eq!(json["replay_window_bytes"], 2048);
     assert_eq!(s.problem(Path::new("relay.toml")), None);
 }
 
@@ -330,8 +353,9 @@ fn status_fails_for_a_missing_lost_or_foreign_slot() {
         "replication slot \"s\" does not exist; create it with: outbox-relay init --config /etc/relay.toml"
     );
     assert!(
-        s.text()
-            .starts_with("slot                s (missing)\ncurrent_wal_lsn     1/2000\n"),
+        s.text().starts_with(
+            "slot                       s (missing)\ncurrent_wal_lsn            1/2000\n"
+        ),
         "{}",
         s.text()
     );

@@ -239,6 +239,16 @@ impl ReplicationConnection {
         }
     }
 
+    /// Creates a pgoutput slot that PostgreSQL drops when this connection ends.
+    pub async fn create_temporary_slot(&mut self, slot: &str) -> Result<(), ReplicationError> {
+        self.simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        ))
+        .await
+        .map(drop)
+    }
+
     /// `START_REPLICATION SLOT .. LOGICAL ..` with pgoutput protocol version 1.
     /// Returns the two halves of the stream once the server is in CopyBoth mode.
     pub async fn start_logical(

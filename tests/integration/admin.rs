@@ -3,79 +3,11 @@
 //! exit codes, as a superuser, as a table-owning REPLICATION role and as a role
 //! lacking privileges. No output may contain a password.
 
-use std::fmt;
 use std::path::Path;
-use std::time::Duration;
 
 use outbox_relay::lsn::Lsn;
 
 use crate::harness::*;
-
-/// Output of one run of the binary.
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl fmt::Display for Output {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Output {
-    /// The status text of the line labelled `label` (`label  text`).
-    fn item(&self, label: &str) -> &str {
-        self.stdout
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(label)
-                    .filter(|rest| rest.starts_with("  "))
-                    .map(str::trim)
-            })
-            .unwrap_or_else(|| panic!("no line {label:?} in\n{self}"))
-    }
-
-    fn assert_no_secret(&self, secrets: &[&str]) {
-        for s in secrets.iter().chain([&PASSWORD, &"postgresql://"]) {
-            assert!(
-                !self.stdout.contains(s) && !self.stderr.contains(s),
-                "output leaks {s:?}:\n{self}"
-            );
-        }
-    }
-}
-
-async fn relay(args: &[&str], config: &Path) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("OUTBOX_RELAY_POSTGRES_URL")
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("outbox-relay did not finish within 60 s")
-        .unwrap();
-    Output {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn config_file(text: &str) -> tempfile::NamedTempFile {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), text).unwrap();
-    f
-}
 
 /// Names for a test whose table does not exist yet (TestCase::new creates it).
 fn without_table(name: &str) -> TestCase {
@@ -88,8 +20,10 @@ fn without_table(name: &str) -> TestCase {
 /// Config text connecting as `user`.
 fn config_as(tc: &TestCase, user: &str, password: &str) -> String {
     let s = servers();
+    // A state schema of its own: the shared one belongs to the superuser.
     tc.config_text(&s.brokers, "")
         .replace(&s.url(), &s.url_for(user, password))
+        + &format!("\n[checkpoint]\nschema = \"state_{user}\"\n")
 }
 
 async fn create_role(name: &str, password: &str, attributes: &str) {
@@ -341,7 +275,12 @@ async fn init_as_a_role_without_replication_exits_2_with_the_statements_to_run()
     );
     assert_eq!(out.item("slot admin_norepl"), "would create", "{out}");
     assert!(
-        out.stderr.contains("3 checks failed; nothing was changed"),
+        out.item("state tables state_admin_norepl")
+            .contains("run `outbox-relay init` as a role with CREATE on the database"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("4 checks failed; nothing was changed"),
         "{out}"
     );
     assert_eq!(objects(&tc).await, (true, false, None));

@@ -818,3 +818,69 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Output of one run of the binary.
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Output {
+    /// The status text of the line labelled `label` (`label  text`).
+    pub fn item(&self, label: &str) -> &str {
+        self.stdout
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(label)
+                    .filter(|rest| rest.starts_with("  "))
+                    .map(str::trim)
+            })
+            .unwrap_or_else(|| panic!("no line {label:?} in\n{self}"))
+    }
+
+    pub fn assert_no_secret(&self, secrets: &[&str]) {
+        for s in secrets.iter().chain([&PASSWORD, &"postgresql://"]) {
+            assert!(
+                !self.stdout.contains(s) && !self.stderr.contains(s),
+                "output leaks {s:?}:\n{self}"
+            );
+        }
+    }
+}
+
+pub async fn relay(args: &[&str], config: &Path) -> Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("OUTBOX_RELAY_POSTGRES_URL")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("outbox-relay did not finish within 60 s")
+        .unwrap();
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}

@@ -1,0 +1,271 @@
+//! `replay`: checks the range against what the slot still retains, files a
+//! request in `replay_request`, and either waits for the instance holding the
+//! slot to execute it or, with no instance running, executes it here.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::relay::{self, RelayError, RunOptions};
+use crate::setup::{self, SetupError};
+use crate::state::{RequestState, StateStore};
+
+/// What `replay` was asked for.
+#[derive(Debug, Clone)]
+pub struct ReplayArgs {
+    pub from: Lsn,
+    pub to: Option<Lsn>,
+    pub only_topic: Option<String>,
+    pub topic_suffix: Option<String>,
+    /// How long to wait for a running instance to execute the request.
+    pub wait: Duration,
+}
+
+/// The checked range, or why there is nothing to replay (exit 2).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Range {
+    pub from: Lsn,
+    pub to: Lsn,
+    /// `--to-lsn` was past the checkpoint and was lowered to it.
+    pub clamped: bool,
+}
+
+/// Checks `(from, to]` against the earliest replayable LSN (the slot's
+/// confirmed position) and the checkpoint (nothing after it was produced yet).
+pub fn check_range(
+    from: Lsn,
+    to: Option<Lsn>,
+    earliest: Lsn,
+    checkpoint: Lsn,
+) -> Result<Range, String> {
+    if from < earliest {
+        return Err(format!(
+            "cannot replay from {from}: the slot keeps WAL only from {earliest}, the earliest replayable LSN; replay from {earliest} or later, and set [replay] window (e.g. \"1h\" or \"2GB\") to keep more next time"
+        ));
+    }
+    let (to, clamped) = match to {
+        Some(t) if t > checkpoint => (checkpoint, true),
+        Some(t) => (t, false),
+        None => (checkpoint, false),
+    };
+    if from >= to {
+        return Err(format!(
+            "nothing to replay: the range ({from}, {to}] is empty (the checkpoint, the last acknowledged position, is {checkpoint}); pass a --from-lsn below it"
+        ));
+    }
+    Ok(Range { from, to, clamped })
+}
+
+/// Runs `outbox-relay replay`; returns the exit code.
+pub(super) async fn run(
+    client: Client,
+    cfg: &Config,
+    args: &ReplayArgs,
+) -> Result<Option<u8>, SetupError> {
+    let mut out = std::io::stdout().lock();
+    let slot_name = &cfg.postgres.slot;
+    if !crate::state::exists(&client, &cfg.checkpoint.schema).await? {
+        eprintln!(
+            "outbox-relay: {}",
+            SetupError::NoState {
+                schema: cfg.checkpoint.schema.clone()
+            }
+        );
+        return Ok(Some(2));
+    }
+    let Some((slot, _, _)) = setup::slot_state(&client, slot_name).await? else {
+        eprintln!("outbox-relay: replication slot {slot_name:?} does not exist: there is nothing to replay from; create it with `outbox-relay init`");
+        return Ok(Some(2));
+    };
+    let store = StateStore::new(client, cfg);
+    let Some(cp) = store.load().await? else {
+        eprintln!("outbox-relay: slot {slot_name:?} has no checkpoint yet: nothing was acknowledged, so there is nothing to replay");
+        return Ok(Some(2));
+    };
+    let range = match check_range(args.from, args.to, slot.confirmed_flush, cp.acked) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            return Ok(Some(2));
+        }
+    };
+    let _ = writeln!(
+        out,
+        "slot {slot_name}: earliest replayable {}, checkpoint {} ({} bytes replayable)",
+        slot.confirmed_flush,
+        cp.acked,
+        cp.acked.0.saturating_sub(slot.confirmed_flush.0)
+    );
+    if range.clamped {
+        let _ = writeln!(
+            out,
+            "--to-lsn lowered to the checkpoint {}: later events have not been produced yet",
+            range.to
+        );
+    }
+    let target = match (&args.only_topic, &args.topic_suffix) {
+        (Some(t), _) => format!("topic {t} only"),
+        (None, Some(s)) => format!("to topics suffixed {s:?}"),
+        (None, None) => "to their original topics".into(),
+    };
+    let _ = writeln!(
+        out,
+        "replaying every event committed in ({}, {}] {target}",
+        range.from, range.to
+    );
+    let id = store
+        .request(
+            range.from,
+            range.to,
+            args.only_topic.as_deref(),
+            args.topic_suffix.as_deref(),
+        )
+        .await?;
+    let started = Instant::now();
+    let mut held_by = slot.active_pid;
+    if held_by.is_none() {
+        let _ = writeln!(
+            out,
+            "request {id}: no instance holds the slot; replaying here"
+        );
+        let _ = out.flush();
+        match replay_here(cfg, id).await {
+            Ok(()) => {}
+            Err(e) if matches!(&e, RelayError::Replication(r) if r.is_slot_in_use()) => {
+                held_by = Some(0);
+            }
+            Err(e) => {
+                eprintln!("outbox-relay: replay failed: {e}");
+                let _ = store.cancel(id).await;
+                return Ok(Some(if e.is_fatal() { 2 } else { 1 }));
+            }
+        }
+    }
+    if held_by.is_some() {
+        let who = held_by
+            .filter(|p| *p > 0)
+            .map_or("another instance".to_string(), |p| {
+                format!("the instance streaming as walsender pid {p}")
+            });
+        let _ = writeln!(out, "request {id}: waiting for {who} to execute it");
+        let _ = out.flush();
+    }
+    let state = wait(&store, id, args.wait).await?;
+    let Some(state) = state else {
+        let cancelled = store.cancel(id).await?;
+        eprintln!(
+            "outbox-relay: request {id} was not {} within {:?}; {}",
+            if cancelled { "taken" } else { "finished" },
+            args.wait,
+            if cancelled {
+                "it was withdrawn: is the relay holding the slot a version without replay support, or stuck? (`outbox-relay status`)"
+            } else {
+                "it keeps running in the relay; see outbox_relay.replay_request"
+            }
+        );
+        return Ok(Some(1));
+    };
+    match state.state.as_str() {
+        "done" => {
+            let _ = writeln!(
+                out,
+                "request {id}: done in {:.1}s: {} events in {} transactions replayed; checkpoint unchanged (never moves back)",
+                started.elapsed().as_secs_f64(),
+                state.events.unwrap_or(0),
+                state.transactions.unwrap_or(0)
+            );
+            Ok(None)
+        }
+        other => {
+            eprintln!(
+                "outbox-relay: request {id} {other}: {}",
+                state.error.as_deref().unwrap_or("no reason recorded")
+            );
+            Ok(Some(
+                if state
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("earliest replayable"))
+                {
+                    2
+                } else {
+                    1
+                },
+            ))
+        }
+    }
+}
+
+/// Executes request `id` in this process (the slot is free).
+async fn replay_here(cfg: &Config, id: i64) -> Result<(), RelayError> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    let opts = RunOptions {
+        replay_request: Some(id),
+        ..RunOptions::default()
+    };
+    let result = relay::run_with(cfg.clone(), Arc::new(Metrics::new()), rx, opts).await;
+    stop.abort();
+    result
+}
+
+/// Polls the request until it ends (`None`: not within `limit`).
+async fn wait(
+    store: &StateStore,
+    id: i64,
+    limit: Duration,
+) -> Result<Option<RequestState>, SetupError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = store.request_state(id).await? {
+            if matches!(st.state.as_str(), "done" | "failed" | "cancelled") {
+                return Ok(Some(st));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_must_start_inside_the_window_and_end_at_the_checkpoint() {
+        let (earliest, cp) = (Lsn(1000), Lsn(5000));
+        assert_eq!(
+            check_range(Lsn(2000), None, earliest, cp),
+            Ok(Range {
+                from: Lsn(2000),
+                to: cp,
+                clamped: false
+            })
+        );
+        assert_eq!(
+            check_range(Lsn(1000), Some(Lsn(9000)), earliest, cp),
+            Ok(Range {
+                from: Lsn(1000),
+                to: cp,
+                clamped: true
+            })
+        );
+        let e = check_range(Lsn(999), None, earliest, cp).unwrap_err();
+        assert!(
+            e.contains("earliest replayable LSN") && e.contains("0/3E8"),
+            "{e}"
+        );
+        let e = check_range(Lsn(5000), None, earliest, cp).unwrap_err();
+        assert!(e.contains("nothing to replay"), "{e}");
+    }
+}

@@ -1,0 +1,741 @@
+//! One session: one replication connection from START_REPLICATION to its end.
+//!
+//! Reads the checkpoint and any replay request, streams, hands records to the
+//! sink, confirms what the ack tracker allows (held back by the replay window)
+//! and publishes the acknowledged position for the checkpoint writer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use super::plan::{JobProgress, Plan, TxClass};
+use super::{wait_shutdown, Progress, RelayError, RunOptions, ShutdownRx, WindowKeeper};
+use crate::ack::{AckTracker, Seq};
+use crate::config::{Config, OnInvalid};
+use crate::kafka::{is_permanent, DeliveryError, DeliveryReport, SendError};
+use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
+use crate::outbox::{
+    dead_letter_from_record, DeadLetter, Mapping, MappingError, OutboxTable, Record,
+};
+use crate::pgoutput::{self, Message, RelationCache, Timestamp};
+use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
+use crate::setup;
+use crate::sink::Sink;
+use crate::state::{Outcome, StateStore};
+
+pub(super) struct Session<'a> {
+    pub cfg: &'a Config,
+    pub outbox: &'a OutboxTable,
+    pub metrics: &'a Arc<Metrics>,
+    pub opts: &'a RunOptions,
+    /// Acknowledged positions are confirmed to the slot and checkpointed.
+    pub confirms: bool,
+    /// No session of this process has streamed yet (a missing slot may be created).
+    pub first: bool,
+    /// START_REPLICATION succeeded: the next failure starts the backoff afresh.
+    pub streamed: bool,
+    /// Sequence number of this session's first record; on return, the next
+    /// session's (records of earlier sessions may still report back).
+    pub first_seq: Seq,
+    /// Highest position below which everything was acknowledged, in this process.
+    pub acked: Lsn,
+    /// `[replay] window`, kept across sessions.
+    pub window: &'a mut Option<WindowKeeper>,
+    /// The window position last confirmed, and since when it was acknowledged.
+    pub window_start: Option<(Lsn, SystemTime)>,
+    pub progress: &'a watch::Sender<Progress>,
+}
+
+/// Why a session ended without an error.
+pub(super) enum SessionEnd {
+    /// Shutdown, or the replay it was started for is done.
+    Stopped,
+    /// A replay request waits: stream again from the slot to execute it.
+    Restart,
+}
+
+/// What the stream loop is doing with the transaction being received.
+struct Stream {
+    tracker: AckTracker,
+    relations: RelationCache,
+    mappings: HashMap<u32, Result<Mapping, MappingError>>,
+    commit_lsn: Lsn,
+    commit_time: Timestamp,
+    /// Records the producer's full queue did not take yet, in order; reading
+    /// stops until they are all enqueued.
+    pending: VecDeque<(Seq, Record)>,
+    plan: Plan,
+    /// What is done with the transaction being received.
+    class: TxClass,
+    /// A record was acknowledged since progress was last published.
+    acked_since_publish: bool,
+    /// The `replayed` header value of the running job.
+    replay_header: Bytes,
+    /// The relay's tables (None for a temporary slot or an unconfirming stdout sink).
+    store: Option<StateStore>,
+}
+
+impl Session<'_> {
+    pub async fn run(
+        &mut self,
+        pg: &tokio_postgres::Config,
+        producer: &mut Sink,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
+        shutdown: &mut ShutdownRx,
+        requests: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, RelayError> {
+        let cfg = self.cfg;
+        let client = setup::sql_connect(pg).await?;
+        let (slot_name, slot, plan, store) = if let Some(temp) = &self.opts.temporary_slot {
+            setup::prepare_publication(&client, cfg).await?;
+            let plan = Plan {
+                live: true,
+                ..Plan::default()
+            };
+            (temp.clone(), None, plan, None)
+        } else {
+            let slot = setup::prepare(&client, cfg, self.first).await?;
+            let (plan, store) = self.plan(client, &slot).await?;
+            (cfg.postgres.slot.clone(), Some(slot), plan, store)
+        };
+        let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+        if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
+            producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
+        }
+        let start = match self.opts.start_lsn {
+            Some(start) if self.first => start,
+            _ => Lsn::ZERO,
+        };
+        let mut conn = replication::connect(pg).await?;
+        if self.opts.temporary_slot.is_some() {
+            conn.create_temporary_slot(&slot_name).await?;
+        }
+        let (mut reader, mut writer) = conn
+            .start_logical(&slot_name, start, &cfg.postgres.publication)
+            .await?;
+        self.streamed = true;
+        // Holding the slot, this instance may take a replay request.
+        let mut plan = plan;
+        if let Some(store) = &store {
+            if !self.claim(&mut plan, store, confirmed).await? {
+                end_stream(reader, writer).await;
+                return Ok(SessionEnd::Stopped);
+            }
+        }
+        self.metrics.set_health(Health::Streaming);
+        self.metrics.set_confirmed(confirmed);
+        if let Some(p) = &plan.job {
+            tracing::info!(request = p.job.id, from = %p.job.from, to = %p.job.to, only_topic = ?p.job.only_topic, topic_suffix = ?p.job.topic_suffix, "replaying");
+        }
+        if start > Lsn::ZERO {
+            self.report_start(pg, start).await;
+        }
+        tracing::info!(slot = %slot_name, confirmed = %confirmed, skip_through = %plan.skip_through, "streaming from slot");
+
+        let replay_header = Bytes::from(
+            plan.job
+                .as_ref()
+                .map_or(String::new(), |p| p.job.id.to_string()),
+        );
+        let mut s = Stream {
+            tracker: AckTracker::starting_at(confirmed, self.first_seq),
+            relations: RelationCache::default(),
+            mappings: HashMap::new(),
+            commit_lsn: Lsn::ZERO,
+            commit_time: Timestamp(0),
+            pending: VecDeque::new(),
+            plan,
+            class: TxClass::Live,
+            acked_since_publish: false,
+            replay_header,
+            store,
+        };
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let takes_requests = self.confirms;
+
+        let result = loop {
+            let step = tokio::select! {
+                biased;
+                _ = wait_shutdown(shutdown) => break Ok(SessionEnd::Stopped),
+                // The timer comes before the reports so a steady stream of
+                // acknowledgements can never starve the status updates.
+                _ = ticker.tick() => {
+                    self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
+                    self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
+                    match self.on_tick(&mut s, &mut writer).await {
+                        Ok(Some(end)) => break Ok(end),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                // Acknowledgements before new input: memory stays bounded.
+                Some(report) = reports.recv() => self.on_report(&mut s, producer, report),
+                _ = tokio::time::sleep(Duration::from_millis(2)), if !s.pending.is_empty() => {
+                    self.retry_pending(&mut s, producer)
+                }
+                Ok(()) = requests.changed(), if takes_requests && s.plan.job.is_none() => {
+                    if *requests.borrow_and_update() {
+                        tracing::info!("a replay request is waiting; finishing deliveries and streaming again from the slot");
+                        break Ok(SessionEnd::Restart);
+                    }
+                    Ok(())
+                }
+                event = reader.next(), if s.pending.is_empty() => match event {
+                    Ok(Some(event)) => self.on_event(&mut s, producer, &mut writer, event).await,
+                    Ok(None) => Err(ReplicationError::Closed { context: "streaming" }.into()),
+                    Err(e) => Err(e.into()),
+                },
+            };
+            if let Err(e) = step {
+                break Err(e);
+            }
+        };
+
+        // Broken connection: nothing more can be confirmed on it.
+        if let Err(RelayError::Replication(_)) = &result {
+            self.first_seq = s.tracker.next_seq();
+            self.publish(&mut s);
+            return result;
+        }
+        // Shutdown, a fatal row or a failed delivery: wait a bounded time for what
+        // is in flight, confirm what was acknowledged and end the stream cleanly.
+        let drain = if matches!(result, Err(RelayError::Delivery(_))) {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(cfg.relay.shutdown_timeout_ms)
+        };
+        self.drain(&mut s, producer, reports, drain).await;
+        self.first_seq = s.tracker.next_seq();
+        let _ = self.send_status(&mut writer, &s).await;
+        self.publish(&mut s);
+        end_stream(reader, writer).await;
+        self.metrics
+            .records_in_flight
+            .set(s.tracker.in_flight() as i64);
+        tracing::info!(confirmed = %s.tracker.confirmed(), unacknowledged = s.tracker.in_flight(), "stopped streaming");
+        result
+    }
+
+    /// Reads the checkpoint: what to skip. Sets up the replay window on a first run.
+    async fn plan(
+        &mut self,
+        client: tokio_postgres::Client,
+        slot: &setup::SlotState,
+    ) -> Result<(Plan, Option<StateStore>), RelayError> {
+        let cfg = self.cfg;
+        let mut plan = Plan {
+            live: self.opts.replay_request.is_none(),
+            ..Plan::default()
+        };
+        if !self.confirms && self.opts.replay_request.is_none() {
+            return Ok((plan, None)); // stdout without confirming: everything from the slot
+        }
+        crate::state::ensure(&client, cfg).await?;
+        let store = StateStore::new(client, cfg);
+        let checkpoint = store.load().await?;
+        if let Some(cp) = &checkpoint {
+            self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
+        }
+        plan.skip_through = checkpoint.map_or(Lsn::ZERO, |c| c.acked).max(self.acked);
+        if let (true, Some(start)) = (self.first, self.opts.start_lsn) {
+            // --start-lsn: everything after it, acknowledged before or not.
+            if start < slot.confirmed_flush {
+                return Err(RelayError::StartBehindSlot {
+                    slot: cfg.postgres.slot.clone(),
+                    start,
+                    confirmed: slot.confirmed_flush,
+                });
+            }
+            if start > plan.skip_through {
+                tracing::warn!(start = %start, checkpoint = %plan.skip_through, "--start-lsn is past the checkpoint: events committed between them are not sent");
+            }
+            plan.skip_through = Lsn::ZERO;
+        }
+        if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {
+            let seed: Vec<_> = checkpoint
+                .iter()
+                .flat_map(|cp| {
+                    std::iter::once((cp.acked_at, cp.acked))
+                        .chain(cp.window_start.map(|(l, t)| (t, l)))
+                })
+                .collect();
+            *self.window = Some(WindowKeeper::new(w, &seed));
+        }
+        Ok((plan, Some(store)))
+    }
+
+    /// Takes the next replay request (or the one this process was started for)
+    /// into `plan`. False: the request this process was started for is gone.
+    async fn claim(
+        &self,
+        plan: &mut Plan,
+        store: &StateStore,
+        confirmed: Lsn,
+    ) -> Result<bool, RelayError> {
+        let only = self.opts.replay_request;
+        if !self.confirms && only.is_none() {
+            return Ok(true);
+        }
+        match store.claim(only).await? {
+            Some(job) if job.from < confirmed => {
+                let why = format!(
+                    "cannot replay from {}: the slot keeps WAL only from {confirmed} (the earliest replayable LSN); set [replay] window to keep more",
+                    job.from
+                );
+                tracing::error!(request = job.id, "{why}");
+                store.finish(job.id, &Outcome::Failed(why)).await?;
+                Ok(only.is_none())
+            }
+            Some(job) => {
+                plan.job = Some(JobProgress {
+                    job,
+                    transactions: 0,
+                    events: 0,
+                });
+                Ok(true)
+            }
+            None => Ok(only.is_none()),
+        }
+    }
+
+    /// `--start-lsn`: says where the server really started.
+    async fn report_start(&self, pg: &tokio_postgres::Config, start: Lsn) {
+        let Ok(client) = setup::sql_connect(pg).await else {
+            return;
+        };
+        if let Ok(Some((slot, _, _))) = setup::slot_state(&client, &self.cfg.postgres.slot).await {
+            if slot.confirmed_flush > start {
+                tracing::warn!(requested = %start, actual = %slot.confirmed_flush, "the server moved the start forward to the slot's confirmed position");
+            } else {
+                tracing::info!(start = %start, "streaming from --start-lsn");
+            }
+        }
+    }
+
+    /// Status update, window, checkpoint progress and the running replay.
+    async fn on_tick(
+        &mut self,
+        s: &mut Stream,
+        writer: &mut StatusWriter,
+    ) -> Result<Option<SessionEnd>, RelayError> {
+        if let Some(w) = self.window.as_mut() {
+            w.observe(SystemTime::now(), s.tracker.confirmed());
+        }
+        self.send_status(writer, s).await?;
+        self.publish(s);
+        if s.plan.job_done(s.tracker.confirmed()) {
+            let p = s.plan.job.take().expect("job_done checked it");
+            tracing::info!(
+                request = p.job.id,
+                transactions = p.transactions,
+                events = p.events,
+                "replay done"
+            );
+            let outcome = Outcome::Done {
+                transactions: p.transactions,
+                events: p.events,
+            };
+            if let Some(store) = &s.store {
+                store.finish(p.job.id, &outcome).await?;
+            }
+            if self.opts.replay_request.is_some() {
+                return Ok(Some(SessionEnd::Stopped));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands the acknowledged position to the checkpoint writer (only once
+    /// records were acknowledged: keepalives alone never cause a write).
+    fn publish(&mut self, s: &mut Stream) {
+        if !self.confirms {
+            return;
+        }
+        if s.acked_since_publish {
+            self.acked = self.acked.max(s.tracker.confirmed());
+            s.acked_since_publish = false;
+        }
+        self.progress.send_if_modified(|p| {
+            let next = Progress {
+                acked: self.acked,
+                window_start: self.window_start,
+            };
+            let changed = *p != next;
+            *p = next;
+            changed
+        });
+    }
+
+    async fn drain(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
+        limit: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let started = Instant::now();
+        while s.tracker.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Ok(Some(report)) => {
+                    if let Err(e) = self.on_report(s, producer, report) {
+                        tracing::warn!(error = %e, "delivery failed while draining");
+                    }
+                }
+                _ => break,
+            }
+        }
+        tracing::debug!(waited = ?started.elapsed(), left = s.tracker.in_flight(), "drained deliveries");
+    }
+
+    fn on_report(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        report: DeliveryReport,
+    ) -> Result<(), RelayError> {
+        if report.seq < self.first_seq {
+            // A record of an earlier session: this session sends it again anyway.
+            return Ok(());
+        }
+        match report.result {
+            Ok(()) => {
+                let confirmed = s.tracker.ack(report.seq);
+                self.metrics.transactions_confirmed.inc_by(confirmed as u64);
+                s.acked_since_publish = true;
+                Ok(())
+            }
+            // The broker refused the record for good: dead-letter it under the same
+            // sequence number, so the position waits for the dead-letter record's ack.
+            Err(DeliveryError {
+                original: Some(original),
+                error,
+                ..
+            }) if self.dead_letter() => {
+                let why = DeadLetter {
+                    reason: "rejected",
+                    error: error.to_string(),
+                    original_topic: None,
+                };
+                self.send_dead_letter(
+                    s,
+                    producer,
+                    report.seq,
+                    dead_letter_from_record(&original, self.dlq(), why),
+                )
+            }
+            // Refused for good under the stop policy: stop, naming the event.
+            Err(DeliveryError {
+                original: Some(original),
+                error,
+                ..
+            }) => Err(refused(&original, error)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn dead_letter(&self) -> bool {
+        self.cfg.outbox.on_invalid == OnInvalid::DeadLetter
+    }
+
+    fn dlq(&self) -> &str {
+        &self.cfg.outbox.dead_letter_topic
+    }
+
+    fn send_dead_letter(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        seq: Seq,
+        record: Record,
+    ) -> Result<(), RelayError> {
+        let text = |k: &str| {
+            record
+                .header(k)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let reason = text("reason").unwrap_or_else(|| "unknown".into());
+        self.metrics
+            .events_dead_lettered
+            .with_label_values(&[&reason])
+            .inc();
+        let id = text("id");
+        tracing::warn!(reason, id = ?id, topic = %record.topic, "sending row to the dead-letter topic");
+        if s.pending.is_empty() {
+            self.enqueue(s, producer, seq, record)
+        } else {
+            s.pending.push_back((seq, record));
+            Ok(())
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        writer: &mut StatusWriter,
+        s: &Stream,
+    ) -> Result<(), RelayError> {
+        let acked = s.tracker.confirmed();
+        let target = if !self.confirms {
+            Lsn::ZERO // PostgreSQL ignores a zero position: the slot stays
+        } else if let Some(w) = self.window.as_mut() {
+            let now = SystemTime::now();
+            if let Some((lsn, since)) = w.target(now) {
+                let lsn = lsn.min(acked);
+                self.window_start = Some((lsn, since));
+            }
+            let start = self
+                .window_start
+                .map_or(writer.last_sent(), |(l, _)| l.max(writer.last_sent()));
+            let age = self
+                .window_start
+                .and_then(|(_, t)| now.duration_since(t).ok())
+                .unwrap_or_default();
+            self.metrics.set_replay_window(start, acked, age);
+            self.window_start.map_or(Lsn::ZERO, |(l, _)| l)
+        } else {
+            acked
+        };
+        let before = writer.last_sent();
+        writer.send_status(target, false).await?;
+        let sent = writer.last_sent();
+        if sent > before {
+            self.metrics.set_confirmed(sent);
+            tracing::debug!(lsn = %sent, "confirmed");
+        }
+        Ok(())
+    }
+
+    fn retry_pending(&self, s: &mut Stream, producer: &Sink) -> Result<(), RelayError> {
+        while let Some((seq, record)) = s.pending.pop_front() {
+            self.enqueue(s, producer, seq, record)?;
+            if !s.pending.is_empty() && s.pending.front().map(|p| p.0) == Some(seq) {
+                break; // still full: the record went back to the front
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        seq: Seq,
+        record: Record,
+    ) -> Result<(), RelayError> {
+        match producer.send(seq, s.commit_time, &record) {
+            Ok(()) => {
+                self.metrics
+                    .events_produced
+                    .with_label_values(&[&record.topic])
+                    .inc();
+                Ok(())
+            }
+            Err(SendError::QueueFull) => {
+                s.pending.push_front((seq, record));
+                Ok(())
+            }
+            Err(SendError::Rejected { error, .. })
+                if self.dead_letter() && is_permanent(&error) && record.topic != self.dlq() =>
+            {
+                let why = DeadLetter {
+                    reason: "too_large",
+                    error: error.to_string(),
+                    original_topic: None,
+                };
+                let why = if error.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                {
+                    why
+                } else {
+                    DeadLetter {
+                        reason: "rejected",
+                        ..why
+                    }
+                };
+                self.send_dead_letter(
+                    s,
+                    producer,
+                    seq,
+                    dead_letter_from_record(&record, self.dlq(), why),
+                )
+            }
+            Err(SendError::Rejected { error, .. }) if is_permanent(&error) => {
+                Err(refused(&record, error))
+            }
+            Err(e) => Err(RelayError::Send(e)),
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        s: &mut Stream,
+        producer: &mut Sink,
+        writer: &mut StatusWriter,
+        event: StreamEvent,
+    ) -> Result<(), RelayError> {
+        let (start, data) = match event {
+            StreamEvent::Keepalive { wal_end, reply } => {
+                self.metrics.set_server_wal_end(wal_end);
+                s.tracker.keepalive(wal_end);
+                if reply {
+                    self.send_status(writer, s).await?;
+                }
+                return Ok(());
+            }
+            StreamEvent::XLogData {
+                start,
+                wal_end,
+                data,
+            } => {
+                self.metrics.set_server_wal_end(wal_end);
+                self.metrics.received_lsn.set(start.0 as f64);
+                (start, data)
+            }
+        };
+        let msg =
+            pgoutput::decode(data).map_err(|source| RelayError::Decode { lsn: start, source })?;
+        match msg {
+            Message::Begin(b) => {
+                s.commit_lsn = b.final_lsn;
+                s.commit_time = b.commit_time;
+                s.class = s.plan.classify(b.final_lsn);
+                s.tracker.begin();
+            }
+            Message::Commit(c) => {
+                let confirmed = s.tracker.commit(c.end_lsn);
+                self.metrics.transactions_received.inc();
+                self.metrics.transactions_confirmed.inc_by(confirmed as u64);
+                match (s.class, s.plan.job.as_mut()) {
+                    (TxClass::Skip, _) => self.metrics.transactions_skipped.inc(),
+                    (TxClass::Replay, Some(p)) => p.transactions += 1,
+                    _ => {}
+                }
+            }
+            Message::Relation(rel) => {
+                if self.outbox.matches(&rel) {
+                    s.mappings.insert(rel.id, self.outbox.mapping(&rel));
+                } else {
+                    s.mappings.remove(&rel.id);
+                }
+                s.relations.insert(rel);
+            }
+            Message::Insert { relation_id, new } => {
+                let Some(mapping) = s.mappings.get(&relation_id) else {
+                    if s.relations.get(relation_id).is_none() {
+                        return Err(RelayError::UnknownRelation(relation_id));
+                    }
+                    return self.ignore("insert_other_table", relation_id, s);
+                };
+                if s.class == TxClass::Skip {
+                    self.metrics.events_skipped.inc();
+                    return Ok(());
+                }
+                let rel = s
+                    .relations
+                    .get(relation_id)
+                    .ok_or(RelayError::UnknownRelation(relation_id))?;
+                let mapped = match mapping {
+                    Ok(m) => m.record(&new, s.commit_lsn, rel),
+                    Err(e) => Err(e.clone()),
+                };
+                let mut record = match mapped {
+                    Ok(r) => r,
+                    Err(e) if self.dead_letter() => {
+                        let why = DeadLetter {
+                            reason: e.kind(),
+                            error: e.to_string(),
+                            original_topic: None,
+                        };
+                        let record =
+                            self.outbox
+                                .dead_letter(&new, rel, s.commit_lsn, self.dlq(), why);
+                        self.metrics
+                            .events_received
+                            .with_label_values(&[self.dlq()])
+                            .inc();
+                        let seq = s.tracker.record();
+                        return self.send_dead_letter(s, producer, seq, record);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if let (TxClass::Replay, Some(p)) = (s.class, s.plan.job.as_mut()) {
+                    if p.job
+                        .only_topic
+                        .as_ref()
+                        .is_some_and(|t| *t != record.topic)
+                    {
+                        return Ok(());
+                    }
+                    if let Some(suffix) = &p.job.topic_suffix {
+                        record.topic.push_str(suffix);
+                    }
+                    record
+                        .headers
+                        .push(("replayed".into(), s.replay_header.clone()));
+                    p.events += 1;
+                    self.metrics.events_replayed.inc();
+                }
+                self.metrics
+                    .events_received
+                    .with_label_values(&[&record.topic])
+                    .inc();
+                producer.ensure_topic(&record.topic).await?;
+                let seq = s.tracker.record();
+                self.enqueue(s, producer, seq, record)?;
+            }
+            Message::Update { relation_id, .. } => return self.ignore("update", relation_id, s),
+            Message::Delete { relation_id, .. } => return self.ignore("delete", relation_id, s),
+            Message::Truncate { .. } => return self.ignore("truncate", 0, s),
+            Message::Origin { .. } | Message::Type { .. } | Message::Message(_) => {}
+        }
+        Ok(())
+    }
+
+    fn ignore(&self, kind: &'static str, relation_id: u32, s: &Stream) -> Result<(), RelayError> {
+        self.metrics
+            .changes_ignored
+            .with_label_values(&[kind])
+            .inc();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let table = s
+                .relations
+                .get(relation_id)
+                .map(|r| r.qualified_name())
+                .unwrap_or_default();
+            tracing::debug!(change = kind, table = %table, "ignored change");
+        }
+        Ok(())
+    }
+}
+
+/// The fatal error for a record Kafka refused for good, naming its event.
+fn refused(record: &Record, error: rdkafka::error::KafkaError) -> RelayError {
+    let header = |k: &str| {
+        record
+            .header(k)
+            .map_or_else(|| "?".into(), |v| String::from_utf8_lossy(v).into_owned())
+    };
+    RelayError::Refused {
+        topic: record.topic.clone(),
+        id: header("id"),
+        lsn: header("lsn"),
+        error: error.to_string(),
+    }
+}
+
+/// Ends the copy stream and the connection, waiting briefly for the server's side.
+async fn end_stream(mut reader: StreamReader, mut writer: StatusWriter) {
+    if writer.copy_done().await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(Some(_)) = reader.next().await {}
+        })
+        .await;
+    }
+    writer.terminate().await;
+}
