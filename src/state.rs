@@ -131,6 +131,7 @@ pub async fn ensure(client: &Client, cfg: &Config) -> Result<(), SetupError> {
             Err(_) if attempt == 0 => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await
             }
+            Err(_) if exists(client, schema).await? => break,
             Err(e) => return Err(q("creating the relay's state tables")(e)),
         }
     }

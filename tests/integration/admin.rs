@@ -66,7 +66,7 @@ async fn drop_slot(tc: &TestCase) {
 async fn init_dry_run_prints_the_sql_and_creates_nothing() {
     let tc = without_table("admin_dry");
     let cfg = config_file(&tc.config_text(&servers().brokers, ""));
-    let out = relay(&["init", "--dry-run"], cfg.path()).await;
+    let out = relay_cli(&["init", "--dry-run"], cfg.path()).await;
     println!("$ outbox-relay init --dry-run --config FILE\n{out}");
     assert_eq!(out.code, Some(0), "{out}");
     out.assert_no_secret(&[]);
@@ -119,7 +119,7 @@ async fn init_dry_run_prints_the_sql_and_creates_nothing() {
     for statement in &sql {
         db.batch_execute(statement).await.unwrap();
     }
-    let out = relay(&["init"], cfg.path()).await;
+    let out = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert!(!out.stdout.contains("create"), "{out}");
     drop_slot(&tc).await;
@@ -130,7 +130,7 @@ async fn init_creates_table_publication_and_slot_once_and_the_relay_streams_from
     let tc = without_table("admin_init");
     let text = tc.config_text(&servers().brokers, "");
     let cfg = config_file(&text);
-    let out = relay(&["init"], cfg.path()).await;
+    let out = relay_cli(&["init"], cfg.path()).await;
     println!("$ outbox-relay init --config FILE\n{out}");
     assert_eq!(out.code, Some(0), "{out}");
     out.assert_no_secret(&[]);
@@ -173,7 +173,7 @@ async fn init_creates_table_publication_and_slot_once_and_the_relay_streams_from
     );
     assert_eq!(row.get::<_, Vec<String>>(4), vec![tc.table.clone()]);
 
-    let again = relay(&["init"], cfg.path()).await;
+    let again = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(again.code, Some(0), "{again}");
     assert_eq!(again.stdout.lines().count(), out.stdout.lines().count());
     for line in again.stdout.lines() {
@@ -220,7 +220,7 @@ async fn init_works_for_a_replication_role_that_owns_the_table() {
     let cfg = config_file(&config_as(&tc, "admin_owner", PW));
 
     // Creating a publication also needs CREATE on the database, which PUBLIC lacks.
-    let out = relay(&["init"], cfg.path()).await;
+    let out = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(out.code, Some(2), "{out}");
     out.assert_no_secret(&[PW]);
     assert!(
@@ -234,7 +234,7 @@ async fn init_works_for_a_replication_role_that_owns_the_table() {
     db.batch_execute("GRANT CREATE ON DATABASE postgres TO admin_owner")
         .await
         .unwrap();
-    let out = relay(&["init"], cfg.path()).await;
+    let out = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(out.code, Some(0), "{out}");
     out.assert_no_secret(&[PW]);
     assert_eq!(out.item("role admin_owner"), "ok (REPLICATION)", "{out}");
@@ -255,7 +255,7 @@ async fn init_as_a_role_without_replication_exits_2_with_the_statements_to_run()
     create_role("admin_norepl", PW, "NOREPLICATION").await;
     let tc = TestCase::new("admin_norepl").await;
     let cfg = config_file(&config_as(&tc, "admin_norepl", PW));
-    let out = relay(&["init"], cfg.path()).await;
+    let out = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(out.code, Some(2), "{out}");
     out.assert_no_secret(&[PW]);
     assert!(
@@ -288,7 +288,7 @@ async fn init_as_a_role_without_replication_exits_2_with_the_statements_to_run()
     // Bad credentials are a configuration problem, reported without the secret.
     let cfg = config_file(&config_as(&tc, "admin_norepl", "wrong-pw-4d2b"));
     for command in ["init", "status"] {
-        let out = relay(&[command], cfg.path()).await;
+        let out = relay_cli(&[command], cfg.path()).await;
         assert_eq!(out.code, Some(2), "{out}");
         assert!(out.stdout.is_empty(), "{out}");
         assert!(
@@ -304,7 +304,7 @@ async fn init_as_a_role_without_replication_exits_2_with_the_statements_to_run()
 async fn status_reports_the_slot_as_aligned_text_and_as_json() {
     let tc = TestCase::new("admin_status").await;
     let cfg = config_file(&tc.config_text(&servers().brokers, ""));
-    let init = relay(&["init"], cfg.path()).await;
+    let init = relay_cli(&["init"], cfg.path()).await;
     assert_eq!(init.code, Some(0), "{init}");
     let db = servers().sql().await;
     db.batch_execute(&format!(
@@ -315,7 +315,7 @@ async fn status_reports_the_slot_as_aligned_text_and_as_json() {
     .await
     .unwrap();
 
-    let out = relay(&["status"], cfg.path()).await;
+    let out = relay_cli(&["status"], cfg.path()).await;
     println!("$ outbox-relay status --config FILE\n{out}");
     assert_eq!(out.code, Some(0), "{out}");
     out.assert_no_secret(&[]);
@@ -351,7 +351,7 @@ async fn status_reports_the_slot_as_aligned_text_and_as_json() {
         .collect();
     assert!(columns.windows(2).all(|w| w[0] == w[1]), "{out}");
 
-    let out = relay(&["status", "--json"], cfg.path()).await;
+    let out = relay_cli(&["status", "--json"], cfg.path()).await;
     println!("$ outbox-relay status --json --config FILE\n{out}");
     assert_eq!(out.code, Some(0), "{out}");
     out.assert_no_secret(&[]);
@@ -381,7 +381,7 @@ async fn status_of_a_missing_slot_exits_1_and_says_how_to_create_it() {
     let tc = without_table("admin_nostatus");
     let cfg = config_file(&tc.config_text(&servers().brokers, ""));
     for args in [&["status"][..], &["status", "--json"]] {
-        let out = relay(args, cfg.path()).await;
+        let out = relay_cli(args, cfg.path()).await;
         assert_eq!(out.code, Some(1), "{out}");
         out.assert_no_secret(&[]);
         assert_eq!(

@@ -859,7 +859,7 @@ impl Output {
     }
 }
 
-pub async fn relay(args: &[&str], config: &Path) -> Output {
+pub async fn relay_cli(args: &[&str], config: &Path) -> Output {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(args)
         .arg("--config")

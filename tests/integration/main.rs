@@ -14,4 +14,5 @@ mod faults;
 mod ha;
 mod metrics;
 mod mock_broker;
+mod replay;
 mod shutdown;
