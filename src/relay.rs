@@ -25,6 +25,7 @@ use crate::outbox::{
 use crate::pgoutput::{self, DecodeError, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup::{self, SetupError};
+use crate::transport::PgTarget;
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +207,7 @@ fn backoff(cfg: &Config, failures: u32) -> Duration {
 const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps the slot gauges (retained WAL, wal_status, active) current.
-async fn poll_slot(pg: tokio_postgres::Config, slot: String, metrics: Arc<Metrics>) {
+async fn poll_slot(pg: PgTarget, slot: String, metrics: Arc<Metrics>) {
     let mut client = None;
     loop {
         if client.is_none() {
@@ -263,7 +264,7 @@ struct Stream {
 impl Session<'_> {
     async fn run(
         &mut self,
-        pg: &tokio_postgres::Config,
+        pg: &PgTarget,
         producer: &mut Producer,
         reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
         shutdown: &mut ShutdownRx,

@@ -1,11 +1,10 @@
 //! The replication connection authenticates every way PostgreSQL asks, over
 //! TCP and Unix sockets, and refuses clearly when it cannot.
 
-use std::str::FromStr;
-
 use outbox_relay::relay::RelayError;
 use outbox_relay::replication::{self, ReplicationError};
 use outbox_relay::setup::SetupError;
+use outbox_relay::transport::PgTarget;
 
 use crate::harness::*;
 
@@ -30,8 +29,8 @@ async fn create_role(name: &str, password: &str, md5: bool, replication: bool) {
 }
 
 async fn identify(url: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
-    let cfg = tokio_postgres::Config::from_str(url).unwrap();
-    let mut conn = replication::connect(&cfg).await?;
+    let target = PgTarget::parse(url).unwrap();
+    let mut conn = replication::connect(&target).await?;
     conn.simple_query("IDENTIFY_SYSTEM").await
 }
 
