@@ -15,3 +15,4 @@ mod ha;
 mod metrics;
 mod mock_broker;
 mod shutdown;
+mod tls;
