@@ -135,7 +135,7 @@ fn redact(e: &tokio_postgres::Error) -> String {
                 db.code().code(),
                 db.message()
             );
-            if let Some(hint) = transport::hba_hint(db.message()) {
+            if let Some(hint) = transport::refusal_hint(db.code().code(), db.message()) {
                 s.push_str("; ");
                 s.push_str(hint);
             }

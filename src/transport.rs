@@ -244,7 +244,7 @@ impl PgTarget {
 /// Why no stream to the server could be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error("cannot connect to PostgreSQL at {target}: {source}; check that the server runs and listens there (listen_addresses, port) and the host and port in postgres.url")]
     Connect {
         target: String,
         source: std::io::Error,
@@ -290,14 +290,22 @@ impl ConnectError {
     }
 }
 
-/// A hint for a server refusal that TLS settings explain: `pg_hba.conf` allows
-/// this client only with TLS (`hostssl`, or `hostnossl ... reject`) and the
-/// connection had none.
-pub fn hba_hint(server_message: &str) -> Option<&'static str> {
-    let hba = server_message.starts_with("no pg_hba.conf entry")
-        || server_message.starts_with("pg_hba.conf rejects connection");
-    (hba && server_message.ends_with("no encryption"))
-        .then_some("the server accepts this client only over TLS (hostssl); set sslmode=require, verify-ca or verify-full in postgres.url")
+/// What to change when the server refuses the connection at startup
+/// (SQLSTATE `code`, the server's `message`): a wrong password, a pg_hba.conf
+/// without a line for this client or one that wants TLS, a missing role or database.
+pub fn refusal_hint(code: &str, message: &str) -> Option<&'static str> {
+    let hba = message.starts_with("no pg_hba.conf entry")
+        || message.starts_with("pg_hba.conf rejects connection");
+    Some(match code {
+        "28P01" => "check the password in postgres.url, OUTBOX_RELAY_POSTGRES_URL or postgres.password_file",
+        "28000" if hba && message.ends_with("no encryption") => {
+            "the server accepts this client only over TLS (hostssl); set sslmode=require, verify-ca or verify-full in postgres.url"
+        }
+        "28000" if hba => "add a line for this host, user and database to pg_hba.conf and reload PostgreSQL",
+        "28000" if message.starts_with("role ") => "create the role or fix the user in postgres.url",
+        "3D000" => "create the database or fix its name in postgres.url",
+        _ => return None,
+    })
 }
 
 /// Opens a stream to the first host of `target` that answers, with TLS as its
@@ -519,10 +527,27 @@ mod tests {
     }
 
     #[test]
-    fn hba_hint_only_for_a_plain_connection_refused() {
-        assert!(hba_hint("no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", no encryption").is_some());
-        assert!(hba_hint("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", database \"d\", no encryption").is_some());
-        assert!(hba_hint("no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", SSL encryption").is_none());
-        assert!(hba_hint("password authentication failed for user \"u\"").is_none());
+    fn refusal_hints_name_the_setting_to_change() {
+        let hba = |tail: &str| {
+            format!("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", database \"d\", {tail}")
+        };
+        let hint = |code: &str, message: &str| refusal_hint(code, message).unwrap_or_default();
+        assert!(hint("28000", &hba("no encryption")).contains("sslmode=require"));
+        assert!(hint(
+            "28000",
+            "no pg_hba.conf entry for host \"h\", user \"u\", database \"d\", no encryption"
+        )
+        .contains("sslmode=require"));
+        assert!(hint("28000", &hba("SSL encryption")).contains("pg_hba.conf"));
+        assert!(
+            hint("28P01", "password authentication failed for user \"u\"")
+                .contains("check the password")
+        );
+        assert!(hint("28000", "role \"x\" does not exist").contains("create the role"));
+        assert!(hint("3D000", "database \"x\" does not exist").contains("create the database"));
+        assert_eq!(
+            refusal_hint("57P03", "the database system is starting up"),
+            None
+        );
     }
 }

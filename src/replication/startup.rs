@@ -132,8 +132,11 @@ impl ReplicationConnection {
                     return Err(match err.sqlstate() {
                         Some(c) if c.starts_with("28") => {
                             let mut message = err.to_string();
-                            if let ReplicationError::Server { message: m, .. } = &err {
-                                if let Some(hint) = transport::hba_hint(m) {
+                            if let ReplicationError::Server {
+                                code, message: m, ..
+                            } = &err
+                            {
+                                if let Some(hint) = transport::refusal_hint(code, m) {
                                     message = format!("{message}; {hint}");
                                 }
                             }

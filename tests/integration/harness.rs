@@ -324,6 +324,27 @@ impl Servers {
     }
 }
 
+/// Creates a login role on the shared server unless it exists (`md5` or SCRAM password).
+pub async fn create_role(name: &str, password: &str, md5: bool, replication: bool) {
+    let db = servers().sql().await;
+    let enc = if md5 { "md5" } else { "scram-sha-256" };
+    let repl = if replication {
+        "REPLICATION"
+    } else {
+        "NOREPLICATION"
+    };
+    db.batch_execute(&format!(
+        "SET password_encryption = '{enc}';
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
+             CREATE ROLE {name} LOGIN {repl} PASSWORD '{password}';
+           END IF;
+         END $$;"
+    ))
+    .await
+    .unwrap();
+}
+
 /// Names and config for one test: its own table, slot, publication and topics.
 pub struct TestCase {
     pub name: String,

@@ -8,6 +8,7 @@ mod harness;
 
 mod admin;
 mod auth;
+mod bad_input;
 mod dead_letter;
 mod delivery;
 mod faults;
