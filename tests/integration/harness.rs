@@ -859,11 +859,6 @@ impl PgCluster {
         )
     }
 
-    /// The server log so far (for assertion messages).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
-    }
-
     pub async fn sql(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.socket_url(), tokio_postgres::NoTls)
             .await
