@@ -96,8 +96,8 @@ where
         Err(code) => return code,
     };
     let mut pg = cfg.postgres_config().expect("validated");
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(CONNECT_TIMEOUT);
+    if pg.config.get_connect_timeout().is_none() {
+        pg.config.connect_timeout(CONNECT_TIMEOUT);
     }
     let result = rt.block_on(async {
         let client = setup::sql_connect(&pg).await?;

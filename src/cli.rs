@@ -304,6 +304,11 @@ fn exit_code(e: &RelayError) -> u8 {
         RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
         RelayError::Replication(crate::replication::ReplicationError::Auth { .. }) => 2,
         RelayError::StartBehindSlot { .. } => 2,
+        RelayError::Replication(crate::replication::ReplicationError::Connect(c))
+            if c.is_permanent() =>
+        {
+            2
+        }
         _ => 1,
     }
 }

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod replay;
+use crate::transport::{PgTarget, Tls};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 
 /// Environment variable that overrides `postgres.url` (keeps the password out of the file).
@@ -577,8 +578,10 @@ impl Config {
         Ok(())
     }
 
-    /// The parsed connection string. Errors never contain the string itself (it may hold a password).
-    pub fn postgres_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    /// The parsed connection string and its TLS settings (`sslmode`,
+    /// `sslrootcert`; the root certificate file is read here). Errors never
+    /// contain the string itself (it may hold a password).
+    pub fn postgres_config(&self) -> Result<PgTarget, ConfigError> {
         let url = self
             .postgres
             .url
@@ -587,12 +590,15 @@ impl Config {
                 key: "postgres.url",
                 hint: format!("set it in the config file or in {ENV_POSTGRES_URL}"),
             })?;
-        let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (rest, tls_params) =
+            crate::transport::split_tls_params(url).map_err(|m| invalid("postgres.url", m))?;
+        let mut cfg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             invalid(
                 "postgres.url",
                 format!("is not a valid libpq URL or key=value connection string ({e}); example: postgresql://relay@127.0.0.1:5432/app"),
             )
         })?;
+        let tls = Tls::from_params(&tls_params).map_err(|m| invalid("postgres.url", m))?;
         if cfg.get_hosts().is_empty() {
             cfg.host("localhost");
         }
@@ -606,20 +612,13 @@ impl Config {
             let user = cfg.get_user().unwrap_or("postgres").to_string();
             cfg.dbname(&user);
         }
-        match cfg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Require => {
-                return Err(invalid(
-                    "postgres.url",
-                    "sslmode=require is not supported yet by this build; use sslmode=disable or prefer over a trusted network, or a local Unix socket",
-                ))
-            }
-            _ => cfg.ssl_mode(tokio_postgres::config::SslMode::Disable),
-        };
+        // TLS is set up by `transport` for both connections, per `tls`.
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
         cfg.application_name("outbox-relay");
         if let Some(file) = &self.postgres.password_file {
             cfg.password(read_secret(file)?);
         }
-        Ok(cfg)
+        Ok(PgTarget { config: cfg, tls })
     }
 
     pub fn table(&self) -> Result<TableName, ConfigError> {
@@ -695,8 +694,9 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.postgres.status_interval_ms, 1000);
         let pg = c.postgres_config().unwrap();
-        assert_eq!(pg.get_user(), Some("relay"));
-        assert_eq!(pg.get_dbname(), Some("app"));
+        assert_eq!(pg.config.get_user(), Some("relay"));
+        assert_eq!(pg.config.get_dbname(), Some("app"));
+        assert_eq!(pg.tls.mode(), crate::transport::SslMode::Prefer);
         assert_eq!(
             c.table().unwrap(),
             TableName {
@@ -715,7 +715,7 @@ mod tests {
         };
         let c = Config::from_toml("[postgres]\n", Path::new("r.toml"), env).unwrap();
         assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
-        assert_eq!(c.postgres_config().unwrap().get_dbname(), Some("y"));
+        assert_eq!(c.postgres_config().unwrap().config.get_dbname(), Some("y"));
     }
 
     #[test]
@@ -725,7 +725,8 @@ mod tests {
             ("[postgres]\nurl = \"postgresql://a@b/c\"\nslot = 5\n", "invalid type"),
             ("[postgres]\n", "postgres.url is missing"),
             ("[postgres]\nurl = \"postgresql://u:s3cret@h:notaport/db\"\n", "invalid postgres.url"),
-            ("[postgres]\nurl = \"postgresql://u:s3cret@h/db?sslmode=require\"\n", "sslmode=require"),
+            ("[postgres]\nurl = \"postgresql://u:s3cret@h/db?sslmode=verify\"\n", "invalid postgres.url: sslmode=\"verify\" is not one of"),
+            ("[postgres]\nurl = \"postgresql://u:s3cret@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem\"\n", "cannot read sslrootcert \"/nonexistent.pem\""),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\nslot = \"Bad-Slot\"\n", "postgres.slot"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[outbox]\ntopic = \"x.{aggregate_type\"\n", "unclosed"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[outbox]\ntopic = \"x}\"\n", "unmatched"),
@@ -760,8 +761,8 @@ mod tests {
         );
         let c = parse(&text).unwrap();
         let pg = c.postgres_config().unwrap();
-        assert_eq!(pg.get_user(), Some("relay"));
-        assert_eq!(pg.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(pg.config.get_user(), Some("relay"));
+        assert_eq!(pg.config.get_password(), Some(&b"s3cret"[..]));
 
         let both = format!(
             "[postgres]\nurl = \"postgresql://a@b/c\"\nurl_file = {:?}\n",

@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`lsn`]: the `Lsn` type.
 //! - [`pgoutput`]: pure decoder of pgoutput messages and the relation cache.
+//! - [`transport`]: the stream to PostgreSQL for both connections: socket, `sslmode`, TLS.
 //! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
 //! - [`kafka`]: the producer and its delivery reports.
@@ -32,3 +33,4 @@ pub mod replication;
 pub mod setup;
 pub mod sink;
 pub mod state;
+pub mod transport;

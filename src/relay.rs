@@ -26,6 +26,7 @@ mod plan;
 mod session;
 mod window;
 
+use crate::transport::PgTarget;
 use session::{Session, SessionEnd};
 pub use window::WindowKeeper;
 
@@ -257,7 +258,7 @@ pub async fn run_with(
 /// Stores the acknowledged position every `checkpoint.interval_ms` (when it
 /// moved) and once more when stopped, and says whether a replay request waits.
 async fn checkpoint_task(
-    pg: tokio_postgres::Config,
+    pg: PgTarget,
     cfg: Config,
     metrics: Arc<Metrics>,
     progress: watch::Receiver<Progress>,
@@ -342,7 +343,7 @@ fn backoff(cfg: &Config, failures: u32) -> Duration {
 const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps the slot gauges (retained WAL, wal_status, active) current.
-async fn poll_slot(pg: tokio_postgres::Config, slot: String, metrics: Arc<Metrics>) {
+async fn poll_slot(pg: PgTarget, slot: String, metrics: Arc<Metrics>) {
     let mut client = None;
     loop {
         if client.is_none() {

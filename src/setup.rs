@@ -12,6 +12,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::{quote_ident, quote_literal, Config, TableName};
 use crate::lsn::Lsn;
 use crate::outbox::MappingError;
+use crate::transport::{self, ConnectError, PgTarget};
 
 /// `sql/001_outbox.sql`, the outbox table as shipped (named `public.outbox`).
 pub const OUTBOX_SQL: &str = include_str!("../sql/001_outbox.sql");
@@ -21,6 +22,9 @@ pub const OUTBOX_SQL: &str = include_str!("../sql/001_outbox.sql");
 pub enum SetupError {
     #[error("cannot connect to PostgreSQL: {}", redact(.0))]
     Connect(tokio_postgres::Error),
+    /// No stream: the server is unreachable, or TLS failed.
+    #[error(transparent)]
+    Transport(ConnectError),
     #[error("query failed while {context}: {}", redact(.source))]
     Query {
         context: &'static str,
@@ -130,12 +134,19 @@ fn capacity_message(setting: &str, max: i64, in_use: i64) -> String {
 /// "connection refused"); never the connection string.
 fn redact(e: &tokio_postgres::Error) -> String {
     match (e.as_db_error(), std::error::Error::source(e)) {
-        (Some(db), _) => format!(
-            "{} {}: {}",
-            db.severity().to_lowercase(),
-            db.code().code(),
-            db.message()
-        ),
+        (Some(db), _) => {
+            let mut s = format!(
+                "{} {}: {}",
+                db.severity().to_lowercase(),
+                db.code().code(),
+                db.message()
+            );
+            if let Some(hint) = transport::refusal_hint(db.code().code(), db.message()) {
+                s.push_str("; ");
+                s.push_str(hint);
+            }
+            s
+        }
         (None, Some(cause)) => format!("{e}: {cause}"),
         (None, None) => e.to_string(),
     }
@@ -151,6 +162,7 @@ impl SetupError {
                     c.starts_with("28") || c.starts_with("42") || c == "3D000"
                 })
             }
+            SetupError::Transport(e) => e.is_permanent(),
             _ => true,
         }
     }
@@ -165,9 +177,19 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
 }
 
-/// Opens a plain SQL connection (the connection task runs in the background).
-pub async fn sql_connect(cfg: &tokio_postgres::Config) -> Result<Client, SetupError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(SetupError::Connect)?;
+/// Opens an SQL connection over the same kind of stream as the replication
+/// connection (`transport`: socket and TLS per `sslmode`); the connection task
+/// runs in the background.
+pub async fn sql_connect(target: &PgTarget) -> Result<Client, SetupError> {
+    let stream = transport::open(target)
+        .await
+        .map_err(SetupError::Transport)?;
+    // TLS, if any, is already in place: tokio-postgres's own sslmode is disable.
+    let (client, conn) = target
+        .config
+        .connect_raw(stream, NoTls)
+        .await
+        .map_err(SetupError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %redact(&e), "SQL connection closed");

@@ -26,6 +26,7 @@ use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, Stre
 use crate::setup;
 use crate::sink::Sink;
 use crate::state::{Outcome, StateStore};
+use crate::transport::PgTarget;
 
 pub(super) struct Session<'a> {
     pub cfg: &'a Config,
@@ -82,7 +83,7 @@ struct Stream {
 impl Session<'_> {
     pub async fn run(
         &mut self,
-        pg: &tokio_postgres::Config,
+        pg: &PgTarget,
         producer: &mut Sink,
         reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
         shutdown: &mut ShutdownRx,
@@ -305,7 +306,7 @@ impl Session<'_> {
     }
 
     /// `--start-lsn`: says where the server really started.
-    async fn report_start(&self, pg: &tokio_postgres::Config, start: Lsn) {
+    async fn report_start(&self, pg: &PgTarget, start: Lsn) {
         let Ok(client) = setup::sql_connect(pg).await else {
             return;
         };

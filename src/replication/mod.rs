@@ -1,41 +1,32 @@
-//! The replication connection: a plain socket speaking the PostgreSQL wire
-//! protocol in `replication=database` mode.
+//! The replication connection: a stream from `transport` (TCP, TLS or Unix
+//! socket) speaking the PostgreSQL wire protocol in `replication=database` mode.
 //!
-//! Responsible for connecting (TCP or Unix socket), authentication (trust,
-//! cleartext, MD5, SCRAM-SHA-256), simple queries on the replication
-//! connection, `START_REPLICATION ... LOGICAL`, CopyBoth framing, XLogData and
+//! Responsible for the startup message, authentication (trust, cleartext, MD5,
+//! SCRAM-SHA-256; over TLS too, without channel binding), simple queries on the
+//! replication connection, `START_REPLICATION ... LOGICAL`, CopyBoth framing, XLogData and
 //! keepalive parsing, and standby status updates. It does not decode pgoutput
 //! (see `pgoutput`) nor decide which LSN to confirm (see `ack`).
 
 mod frame;
 mod startup;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::lsn::Lsn;
 
 pub use frame::{parse_copy_data, split_frame, CopyData, FrameReader};
 pub use startup::connect;
 
-/// A byte stream to the server: TCP or Unix socket (room for TLS later).
-pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
-
-pub type BoxedTransport = Box<dyn Transport>;
+pub use crate::transport::BoxedTransport;
 
 /// An error on the replication connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
-    Connect {
-        target: String,
-        source: std::io::Error,
-    },
-    #[error("timed out after {0:?} connecting to PostgreSQL at {1}")]
-    ConnectTimeout(Duration, String),
+    #[error(transparent)]
+    Connect(#[from] crate::transport::ConnectError),
     #[error("replication connection failed while {context}: {source}")]
     Io {
         context: &'static str,
@@ -93,6 +84,7 @@ impl ReplicationError {
     pub fn is_permanent(&self) -> bool {
         match self {
             ReplicationError::Auth { .. } => true,
+            ReplicationError::Connect(e) => e.is_permanent(),
             ReplicationError::Server { code, .. } => {
                 // 28xxx auth, 42xxx (undefined object, privileges), 3D000 no database,
                 // 55000 object not in prerequisite state (e.g. invalidated slot).

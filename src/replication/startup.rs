@@ -1,21 +1,16 @@
-//! Opening a replication connection: socket, startup message, authentication,
-//! simple queries and `START_REPLICATION`.
-
-use std::time::Duration;
+//! Opening a replication connection: startup message (over the stream from
+//! `transport`), authentication, simple queries and `START_REPLICATION`.
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
 
 use super::frame::{error_response, FrameReader};
 use super::{streaming, BoxedTransport, ReplicationError, StatusWriter, StreamReader};
 use crate::config::{quote_ident, quote_literal};
 use crate::lsn::Lsn;
-
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::transport::{self, PgTarget};
 
 /// An authenticated connection in `replication=database` mode, ready for commands.
 pub struct ReplicationConnection {
@@ -27,79 +22,12 @@ fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> ReplicationEr
     move |source| ReplicationError::Io { context, source }
 }
 
-async fn open_socket(cfg: &tokio_postgres::Config) -> Result<BoxedTransport, ReplicationError> {
-    let timeout = cfg
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let ports = cfg.get_ports();
-    let mut last = None;
-    for (i, host) in cfg.get_hosts().iter().enumerate() {
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let (target, attempt) = match host {
-            Host::Tcp(h) => {
-                let target = format!("{h}:{port}");
-                let fut = TcpStream::connect(target.clone());
-                let res = tokio::time::timeout(timeout, fut).await.map(|r| {
-                    r.map(|s| {
-                        tune_socket(&s, cfg);
-                        Box::new(s) as BoxedTransport
-                    })
-                });
-                (target, res)
-            }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let target = path.display().to_string();
-                let res = tokio::time::timeout(timeout, UnixStream::connect(path))
-                    .await
-                    .map(|r| r.map(|s| Box::new(s) as BoxedTransport));
-                (target, res)
-            }
-        };
-        match attempt {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(source)) => last = Some(ReplicationError::Connect { target, source }),
-            Err(_) => last = Some(ReplicationError::ConnectTimeout(timeout, target)),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        ReplicationError::Protocol("the connection string names no host".into())
-    }))
-}
-
-/// No Nagle delay for status updates; TCP keepalives and user timeout from the
-/// connection string (`keepalives`, `keepalives_idle`, `keepalives_interval`,
-/// `keepalives_count`, `tcp_user_timeout`), so a dead server or network is noticed.
-fn tune_socket(s: &TcpStream, cfg: &tokio_postgres::Config) {
-    let _ = s.set_nodelay(true);
-    let sock = socket2::SockRef::from(s);
-    if cfg.get_keepalives() {
-        let mut ka = socket2::TcpKeepalive::new().with_time(cfg.get_keepalives_idle());
-        if let Some(i) = cfg.get_keepalives_interval() {
-            ka = ka.with_interval(i);
-        }
-        if let Some(n) = cfg.get_keepalives_retries() {
-            ka = ka.with_retries(n);
-        }
-        if let Err(e) = sock.set_tcp_keepalive(&ka) {
-            tracing::warn!(error = %e, "cannot enable TCP keepalives on the replication connection");
-        }
-    }
-    if let Some(t) = cfg.get_tcp_user_timeout() {
-        if let Err(e) = sock.set_tcp_user_timeout(Some(*t)) {
-            tracing::warn!(error = %e, "cannot set tcp_user_timeout on the replication connection");
-        }
-    }
-}
-
 /// Connects and authenticates a replication connection.
-pub async fn connect(
-    cfg: &tokio_postgres::Config,
-) -> Result<ReplicationConnection, ReplicationError> {
+pub async fn connect(target: &PgTarget) -> Result<ReplicationConnection, ReplicationError> {
+    let cfg = &target.config;
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
-    let mut io = open_socket(cfg).await?;
+    let mut io = transport::open(target).await?;
     let mut buf = BytesMut::new();
     let mut params = vec![
         ("user", user.as_str()),
@@ -202,7 +130,18 @@ impl ReplicationConnection {
                 b'E' => {
                     let err = error_response(&body);
                     return Err(match err.sqlstate() {
-                        Some(c) if c.starts_with("28") => self.auth_error(err.to_string()),
+                        Some(c) if c.starts_with("28") => {
+                            let mut message = err.to_string();
+                            if let ReplicationError::Server {
+                                code, message: m, ..
+                            } = &err
+                            {
+                                if let Some(hint) = transport::refusal_hint(code, m) {
+                                    message = format!("{message}; {hint}");
+                                }
+                            }
+                            self.auth_error(message)
+                        }
                         _ => err,
                     });
                 }

@@ -1,37 +1,16 @@
 //! The replication connection authenticates every way PostgreSQL asks, over
 //! TCP and Unix sockets, and refuses clearly when it cannot.
 
-use std::str::FromStr;
-
 use outbox_relay::relay::RelayError;
 use outbox_relay::replication::{self, ReplicationError};
 use outbox_relay::setup::SetupError;
+use outbox_relay::transport::PgTarget;
 
 use crate::harness::*;
 
-async fn create_role(name: &str, password: &str, md5: bool, replication: bool) {
-    let db = servers().sql().await;
-    let enc = if md5 { "md5" } else { "scram-sha-256" };
-    let repl = if replication {
-        "REPLICATION"
-    } else {
-        "NOREPLICATION"
-    };
-    db.batch_execute(&format!(
-        "SET password_encryption = '{enc}';
-         DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
-             CREATE ROLE {name} LOGIN {repl} PASSWORD '{password}';
-           END IF;
-         END $$;"
-    ))
-    .await
-    .unwrap();
-}
-
 async fn identify(url: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
-    let cfg = tokio_postgres::Config::from_str(url).unwrap();
-    let mut conn = replication::connect(&cfg).await?;
+    let target = PgTarget::parse(url).unwrap();
+    let mut conn = replication::connect(&target).await?;
     conn.simple_query("IDENTIFY_SYSTEM").await
 }
 

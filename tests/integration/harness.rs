@@ -324,6 +324,27 @@ impl Servers {
     }
 }
 
+/// Creates a login role on the shared server unless it exists (`md5` or SCRAM password).
+pub async fn create_role(name: &str, password: &str, md5: bool, replication: bool) {
+    let db = servers().sql().await;
+    let enc = if md5 { "md5" } else { "scram-sha-256" };
+    let repl = if replication {
+        "REPLICATION"
+    } else {
+        "NOREPLICATION"
+    };
+    db.batch_execute(&format!(
+        "SET password_encryption = '{enc}';
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
+             CREATE ROLE {name} LOGIN {repl} PASSWORD '{password}';
+           END IF;
+         END $$;"
+    ))
+    .await
+    .unwrap();
+}
+
 /// Names and config for one test: its own table, slot, publication and topics.
 pub struct TestCase {
     pub name: String,
@@ -743,25 +764,50 @@ pub fn seqs(got: &[Consumed]) -> Vec<i64> {
         .collect()
 }
 
-/// A PostgreSQL cluster of its own, for tests that stop or restart the server.
-/// Stopped and removed on drop.
+/// A PostgreSQL cluster of its own, for tests that stop or restart the server
+/// or need other server settings. Stopped and removed on drop.
 pub struct PgCluster {
     pub port: u16,
     dir: PathBuf,
     data: PathBuf,
     bin: PathBuf,
     ids: Option<(u32, u32)>,
+    settings: Vec<String>,
+}
+
+/// How an own cluster differs from the default one.
+#[derive(Default)]
+pub struct ClusterOptions {
+    /// Server settings (`name=value`) after the defaults, so they win (e.g. `wal_level=replica`).
+    pub settings: Vec<String>,
+    /// Files written into the data directory before the server starts (mode
+    /// 0600, owned by the server's user): `pg_hba.conf`, TLS keys and certificates.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        PgCluster::start_with(ClusterOptions::default())
+    }
+
+    pub fn start_with(opts: ClusterOptions) -> PgCluster {
         let (dir, data, bin, ids) = init_cluster();
+        for (name, content) in &opts.files {
+            let path = data.join(name);
+            std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if let Some((uid, gid)) = ids {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
         let c = PgCluster {
             port: free_port(),
             dir,
             data,
             bin,
             ids,
+            settings: opts.settings,
         };
         c.start_again();
         c
@@ -782,7 +828,12 @@ impl PgCluster {
     }
 
     pub fn start_again(&self) {
-        let opts = postgres_options(self.port, &self.dir, true).join(" ");
+        let mut opts = postgres_options(self.port, &self.dir, true);
+        for setting in &self.settings {
+            opts.push("-c".into());
+            opts.push(setting.clone());
+        }
+        let opts = opts.join(" ");
         let log = self.dir.join("postgres.log");
         self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
     }
@@ -799,8 +850,17 @@ impl PgCluster {
         )
     }
 
+    /// Superuser connection over the Unix socket (trusted, whatever pg_hba.conf says for TCP).
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&self.socket_url(), tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);

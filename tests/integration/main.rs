@@ -8,6 +8,7 @@ mod harness;
 
 mod admin;
 mod auth;
+mod bad_input;
 mod dead_letter;
 mod delivery;
 mod faults;
@@ -16,3 +17,4 @@ mod metrics;
 mod mock_broker;
 mod replay;
 mod shutdown;
+mod tls;
