@@ -84,7 +84,7 @@ fn record_of(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_string(), bytes(h.value)))
+                    .map(|h| (h.key.to_string().into(), bytes(h.value)))
                     .collect()
             })
             .unwrap_or_default(),

@@ -21,8 +21,11 @@ pub struct Record {
     pub value: Bytes,
     /// In order; relay headers (`id`, `event_type`, `lsn`) come last so that a
     /// consumer's "last header named X" is always the relay's.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(HeaderName, Bytes)>,
 }
+
+/// A header name: the relay's own are static, users' (from the headers column) owned.
+pub type HeaderName = std::borrow::Cow<'static, str>;
 
 impl Record {
     /// The last header named `name` (the one a consumer's "last header" sees).
@@ -128,7 +131,7 @@ pub fn dead_letter_from_record(original: &Record, topic: &str, why: DeadLetter<'
     }
 }
 
-fn push_reason(headers: &mut Vec<(String, Bytes)>, why: &DeadLetter<'_>, topic: Option<&str>) {
+fn push_reason(headers: &mut Vec<(HeaderName, Bytes)>, why: &DeadLetter<'_>, topic: Option<&str>) {
     headers.push(("error".into(), Bytes::from(why.error.clone())));
     headers.push(("reason".into(), Bytes::from_static(why.reason.as_bytes())));
     if let Some(t) = why.original_topic.or(topic) {
@@ -194,10 +197,10 @@ impl OutboxTable {
         };
         let mut headers = Vec::with_capacity(6);
         if let Some(id) = value_of(&self.columns.id) {
-            headers.push(("id".to_string(), id));
+            headers.push(("id".into(), id));
         }
-        headers.push(("lsn".to_string(), Bytes::from(commit_lsn.to_string())));
-        headers.push(("table".to_string(), Bytes::from(rel.qualified_name())));
+        headers.push(("lsn".into(), Bytes::from(commit_lsn.to_string())));
+        headers.push(("table".into(), Bytes::from(rel.qualified_name())));
         push_reason(&mut headers, &why, None);
         Record {
             topic: topic.to_string(),
@@ -263,6 +266,17 @@ impl Mapping {
         &self,
         row: &Tuple,
         commit_lsn: Lsn,
+        rel: &Relation,
+    ) -> Result<Record, MappingError> {
+        self.record_at(row, commit_lsn, &lsn_header(commit_lsn), rel)
+    }
+
+    /// [`Mapping::record`] with the `lsn` header value made once per transaction.
+    pub fn record_at(
+        &self,
+        row: &Tuple,
+        commit_lsn: Lsn,
+        lsn_text: &Bytes,
         rel: &Relation,
     ) -> Result<Record, MappingError> {
         let id_text = || match row.0.get(self.id) {
@@ -337,9 +351,9 @@ impl Mapping {
                 append_json_headers(text, &mut headers);
             }
         }
-        headers.push(("id".to_string(), id));
-        headers.push(("event_type".to_string(), event_type));
-        headers.push(("lsn".to_string(), Bytes::from(commit_lsn.to_string())));
+        headers.push(("id".into(), id));
+        headers.push(("event_type".into(), event_type));
+        headers.push(("lsn".into(), lsn_text.clone()));
         Ok(Record {
             topic,
             key,
@@ -349,9 +363,14 @@ impl Mapping {
     }
 }
 
+/// The `lsn` header value of a transaction committed at `commit_lsn`.
+pub fn lsn_header(commit_lsn: Lsn) -> Bytes {
+    Bytes::from(commit_lsn.to_string())
+}
+
 /// Top-level keys of a JSON object as headers: strings as-is, other values as JSON text.
 /// Anything but an object (or invalid JSON) becomes a single `headers` header with the raw text.
-fn append_json_headers(text: &Bytes, out: &mut Vec<(String, Bytes)>) {
+fn append_json_headers(text: &Bytes, out: &mut Vec<(HeaderName, Bytes)>) {
     match serde_json::from_slice::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(map)) => {
             for (k, v) in map {
@@ -359,11 +378,11 @@ fn append_json_headers(text: &Bytes, out: &mut Vec<(String, Bytes)>) {
                     serde_json::Value::String(s) => Bytes::from(s),
                     other => Bytes::from(other.to_string()),
                 };
-                out.push((k, v));
+                out.push((k.into(), v));
             }
         }
         Ok(serde_json::Value::Null) => {}
-        _ => out.push(("headers".to_string(), text.clone())),
+        _ => out.push(("headers".into(), text.clone())),
     }
 }
 
@@ -470,7 +489,7 @@ mod tests {
         let h: Vec<(&str, &str)> = r
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap()))
+            .map(|(k, v)| (k.as_ref(), std::str::from_utf8(v).unwrap()))
             .collect();
         assert_eq!(
             h,
@@ -594,7 +613,7 @@ mod tests {
         let h: std::collections::HashMap<_, _> = dl
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap()))
+            .map(|(k, v)| (k.as_ref(), std::str::from_utf8(v).unwrap()))
             .collect();
         assert_eq!(h["reason"], "null_column");
         assert_eq!(h["lsn"], "0/10");

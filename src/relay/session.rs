@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
 use super::plan::{JobProgress, Plan, TxClass};
@@ -19,7 +20,7 @@ use crate::kafka::{is_permanent, DeliveryError, DeliveryReport, SendError};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{
-    dead_letter_from_record, DeadLetter, Mapping, MappingError, OutboxTable, Record,
+    dead_letter_from_record, lsn_header, DeadLetter, Mapping, MappingError, OutboxTable, Record,
 };
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
@@ -51,6 +52,16 @@ pub(super) struct Session<'a> {
     pub progress: &'a watch::Sender<Progress>,
 }
 
+/// `events_received_total` and `events_produced_total` of one topic.
+struct TopicCounters {
+    received: IntCounter,
+    produced: IntCounter,
+}
+
+/// Most events (or delivery reports) handled per wake-up before the loop looks
+/// at its other inputs again.
+const BATCH: usize = 256;
+
 /// Why a session ended without an error.
 pub(super) enum SessionEnd {
     /// Shutdown, or the replay it was started for is done.
@@ -65,7 +76,11 @@ struct Stream {
     relations: RelationCache,
     mappings: HashMap<u32, Result<Mapping, MappingError>>,
     commit_lsn: Lsn,
+    /// The `lsn` header of the transaction's records, made once per transaction.
+    lsn_text: Bytes,
     commit_time: Timestamp,
+    /// Per-topic counters, looked up once per topic instead of once per record.
+    topic_counters: HashMap<String, TopicCounters>,
     /// Records the producer's full queue did not take yet, in order; reading
     /// stops until they are all enqueued.
     pending: VecDeque<(Seq, Record)>,
@@ -147,7 +162,9 @@ impl Session<'_> {
             relations: RelationCache::default(),
             mappings: HashMap::new(),
             commit_lsn: Lsn::ZERO,
+            lsn_text: Bytes::new(),
             commit_time: Timestamp(0),
+            topic_counters: HashMap::new(),
             pending: VecDeque::new(),
             plan,
             class: TxClass::Live,
@@ -158,37 +175,36 @@ impl Session<'_> {
         let mut ticker =
             tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Only requests filed after this session took its own count.
         let takes_requests = self.confirms;
+        requests.borrow_and_update();
+        // Built once: re-creating these futures on every iteration showed up in profiles.
+        let shutdown_requested = wait_shutdown(shutdown);
+        tokio::pin!(shutdown_requested);
 
         let result = loop {
             let step = tokio::select! {
                 biased;
-                _ = wait_shutdown(shutdown) => break Ok(SessionEnd::Stopped),
+                _ = &mut shutdown_requested => break Ok(SessionEnd::Stopped),
                 // The timer comes before the reports so a steady stream of
                 // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
-                    match self.on_tick(&mut s, &mut writer).await {
+                    let requests = takes_requests.then_some(&mut *requests);
+                    match self.on_tick(&mut s, &mut writer, requests).await {
                         Ok(Some(end)) => break Ok(end),
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
                     }
                 }
                 // Acknowledgements before new input: memory stays bounded.
-                Some(report) = reports.recv() => self.on_report(&mut s, producer, report),
-                _ = tokio::time::sleep(Duration::from_millis(2)), if !s.pending.is_empty() => {
+                Some(report) = reports.recv() => self.on_reports(&mut s, producer, reports, report),
+                _ = async { tokio::time::sleep(Duration::from_millis(2)).await }, if !s.pending.is_empty() => {
                     self.retry_pending(&mut s, producer)
                 }
-                Ok(()) = requests.changed(), if takes_requests && s.plan.job.is_none() => {
-                    if *requests.borrow_and_update() {
-                        tracing::info!("a replay request is waiting; finishing deliveries and streaming again from the slot");
-                        break Ok(SessionEnd::Restart);
-                    }
-                    Ok(())
-                }
                 event = reader.next(), if s.pending.is_empty() => match event {
-                    Ok(Some(event)) => self.on_event(&mut s, producer, &mut writer, event).await,
+                    Ok(Some(event)) => self.on_events(&mut s, producer, &mut writer, &mut reader, event).await,
                     Ok(None) => Err(ReplicationError::Closed { context: "streaming" }.into()),
                     Err(e) => Err(e.into()),
                 },
@@ -324,6 +340,7 @@ impl Session<'_> {
         &mut self,
         s: &mut Stream,
         writer: &mut StatusWriter,
+        requests: Option<&mut watch::Receiver<bool>>,
     ) -> Result<Option<SessionEnd>, RelayError> {
         if let Some(w) = self.window.as_mut() {
             w.observe(SystemTime::now(), s.tracker.confirmed());
@@ -347,6 +364,12 @@ impl Session<'_> {
             }
             if self.opts.replay_request.is_some() {
                 return Ok(Some(SessionEnd::Stopped));
+            }
+        }
+        if let (Some(requests), None) = (requests, &s.plan.job) {
+            if requests.has_changed().unwrap_or(false) && *requests.borrow_and_update() {
+                tracing::info!("a replay request is waiting; finishing deliveries and streaming again from the slot");
+                return Ok(Some(SessionEnd::Restart));
             }
         }
         Ok(None)
@@ -395,6 +418,54 @@ impl Session<'_> {
         tracing::debug!(waited = ?started.elapsed(), left = s.tracker.in_flight(), "drained deliveries");
     }
 
+    /// `first` and whatever else already arrived, up to [`BATCH`].
+    fn on_reports(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
+        first: DeliveryReport,
+    ) -> Result<(), RelayError> {
+        self.on_report(s, producer, first)?;
+        for _ in 1..BATCH {
+            match reports.try_recv() {
+                Ok(report) => self.on_report(s, producer, report)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// `first` and the events already buffered behind it, up to [`BATCH`]
+    /// (fewer wake-ups per event), stopping when the producer's queue is full.
+    async fn on_events(
+        &mut self,
+        s: &mut Stream,
+        producer: &mut Sink,
+        writer: &mut StatusWriter,
+        reader: &mut StreamReader,
+        first: StreamEvent,
+    ) -> Result<(), RelayError> {
+        self.on_event(s, producer, writer, first).await?;
+        for _ in 1..BATCH {
+            if !s.pending.is_empty() {
+                break;
+            }
+            match reader.next_buffered() {
+                None => break,
+                Some(Ok(Some(event))) => self.on_event(s, producer, writer, event).await?,
+                Some(Ok(None)) => {
+                    return Err(ReplicationError::Closed {
+                        context: "streaming",
+                    }
+                    .into())
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn on_report(
         &self,
         s: &mut Stream,
@@ -439,6 +510,18 @@ impl Session<'_> {
             }) => Err(refused(&original, error)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn counters<'s>(&self, s: &'s mut Stream, topic: &str) -> &'s TopicCounters {
+        if !s.topic_counters.contains_key(topic) {
+            let m = self.metrics;
+            let c = TopicCounters {
+                received: m.events_received.with_label_values(&[topic]),
+                produced: m.events_produced.with_label_values(&[topic]),
+            };
+            s.topic_counters.insert(topic.to_string(), c);
+        }
+        &s.topic_counters[topic]
     }
 
     fn dead_letter(&self) -> bool {
@@ -531,10 +614,7 @@ impl Session<'_> {
     ) -> Result<(), RelayError> {
         match producer.send(seq, s.commit_time, &record) {
             Ok(()) => {
-                self.metrics
-                    .events_produced
-                    .with_label_values(&[&record.topic])
-                    .inc();
+                self.counters(s, &record.topic).produced.inc();
                 Ok(())
             }
             Err(SendError::QueueFull) => {
@@ -604,6 +684,7 @@ impl Session<'_> {
         match msg {
             Message::Begin(b) => {
                 s.commit_lsn = b.final_lsn;
+                s.lsn_text = lsn_header(b.final_lsn);
                 s.commit_time = b.commit_time;
                 s.class = s.plan.classify(b.final_lsn);
                 s.tracker.begin();
@@ -642,7 +723,7 @@ impl Session<'_> {
                     .get(relation_id)
                     .ok_or(RelayError::UnknownRelation(relation_id))?;
                 let mapped = match mapping {
-                    Ok(m) => m.record(&new, s.commit_lsn, rel),
+                    Ok(m) => m.record_at(&new, s.commit_lsn, &s.lsn_text, rel),
                     Err(e) => Err(e.clone()),
                 };
                 let mut record = match mapped {
@@ -682,10 +763,7 @@ impl Session<'_> {
                     p.events += 1;
                     self.metrics.events_replayed.inc();
                 }
-                self.metrics
-                    .events_received
-                    .with_label_values(&[&record.topic])
-                    .inc();
+                self.counters(s, &record.topic).received.inc();
                 producer.ensure_topic(&record.topic).await?;
                 let seq = s.tracker.record();
                 self.enqueue(s, producer, seq, record)?;

@@ -36,6 +36,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self.io
     }
 
+    /// The next message if it is already buffered completely (no I/O).
+    pub fn buffered(&mut self) -> Result<Option<(u8, Bytes)>, ReplicationError> {
+        split_frame(&mut self.buf)
+    }
+
     /// The next message. Cancel-safe: partial frames stay buffered.
     pub async fn next(&mut self, context: &'static str) -> Result<(u8, Bytes), ReplicationError> {
         loop {

@@ -146,21 +146,44 @@ impl StreamReader {
     pub async fn next(&mut self) -> Result<Option<StreamEvent>, ReplicationError> {
         loop {
             let (tag, body) = self.frames.next("streaming").await?;
-            match tag {
-                b'd' => return parse_copy_data(body).map(|c| Some(c.into_event())),
-                b'c' | b'C' | b'Z' => return Ok(None),
-                b'E' => return Err(frame::error_response(&body)),
-                b'N' => {
-                    tracing::info!(notice = %frame::error_response(&body), "notice from PostgreSQL")
-                }
-                other => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "unexpected message {:?} while streaming",
-                        other as char
-                    )))
+            if let Some(event) = event_of(tag, body) {
+                return event;
+            }
+        }
+    }
+
+    /// Like [`StreamReader::next`] for an event that is already buffered
+    /// completely: `None` when reading it would have to wait for the socket.
+    /// Lets the caller handle everything one read brought in a single wake-up.
+    pub fn next_buffered(&mut self) -> Option<Result<Option<StreamEvent>, ReplicationError>> {
+        loop {
+            match self.frames.buffered() {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => return None,
+                Ok(Some((tag, body))) => {
+                    if let Some(event) = event_of(tag, body) {
+                        return Some(event);
+                    }
                 }
             }
         }
+    }
+}
+
+/// The event a streaming frame carries; `None` for a frame to skip (a notice).
+fn event_of(tag: u8, body: Bytes) -> Option<Result<Option<StreamEvent>, ReplicationError>> {
+    match tag {
+        b'd' => Some(parse_copy_data(body).map(|c| Some(c.into_event()))),
+        b'c' | b'C' | b'Z' => Some(Ok(None)),
+        b'E' => Some(Err(frame::error_response(&body))),
+        b'N' => {
+            tracing::info!(notice = %frame::error_response(&body), "notice from PostgreSQL");
+            None
+        }
+        other => Some(Err(ReplicationError::Protocol(format!(
+            "unexpected message {:?} while streaming",
+            other as char
+        )))),
     }
 }
 

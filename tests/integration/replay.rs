@@ -410,7 +410,7 @@ async fn tail_and_the_stdout_sink_print_json_lines_and_confirm_nothing() {
             .unwrap()
             .is_some()
     };
-    eventually(30, "tail's temporary slot", || slot_active(temp.clone())).await;
+    eventually(90, "tail's temporary slot", || slot_active(temp.clone())).await;
     let lines = stdout_lines(&mut tail);
     insert_rows(&db, &tc.table, "order", 0, 3).await;
     let mut seen = Vec::new();
@@ -446,7 +446,7 @@ async fn tail_and_the_stdout_sink_print_json_lines_and_confirm_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    eventually(30, "stdout relay streaming", || tc.slot_exists(true)).await;
+    eventually(90, "stdout relay streaming", || tc.slot_exists(true)).await;
     let lines = stdout_lines(&mut run);
     insert_rows(&db, &tc.table, "order", 3, 2).await;
     let seqs_out: Vec<i64> = (0..2)
