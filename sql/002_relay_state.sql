@@ -9,13 +9,16 @@ CREATE SCHEMA IF NOT EXISTS outbox_relay;
 
 -- One row per slot, written every [checkpoint] interval_ms and on shutdown.
 -- acked_lsn never moves backwards and is never ahead of what Kafka acknowledged;
--- window_start_lsn is the slot position the relay keeps for [replay] window.
+-- window_start_lsn is the slot position the relay keeps for [replay] window, and
+-- window_samples ([[unix ms, "X/X"], ...]) the acknowledged positions over time
+-- that the window moves along, so that it keeps moving across restarts.
 CREATE TABLE IF NOT EXISTS outbox_relay.checkpoint (
     slot_name        text        PRIMARY KEY,
     acked_lsn        pg_lsn      NOT NULL,
     acked_at         timestamptz NOT NULL,
     window_start_lsn pg_lsn,
     window_start_at  timestamptz,
+    window_samples   jsonb,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 
@@ -32,6 +35,7 @@ CREATE TABLE IF NOT EXISTS outbox_relay.replay_request (
     requested_at timestamptz NOT NULL DEFAULT now(),
     started_at   timestamptz,
     finished_at  timestamptz,
+    attempts     int         NOT NULL DEFAULT 0,
     transactions bigint,
     events       bigint,
     error        text

@@ -233,6 +233,9 @@ pub fn main() -> ExitCode {
             };
             cfg.sink.kind = SinkKind::Stdout;
             cfg.sink.confirm = Some(false);
+            // tail only looks: a publication it created would make the relay's
+            // first run take the missing slot for a lost one.
+            cfg.postgres.create_missing = false;
             cfg.metrics.listen.clear();
             let opts = RunOptions {
                 temporary_slot: Some(format!("outbox_relay_tail_{}", std::process::id())),
@@ -303,7 +306,7 @@ fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
         RelayError::Replication(crate::replication::ReplicationError::Auth { .. }) => 2,
-        RelayError::StartBehindSlot { .. } => 2,
+        RelayError::StartBehindSlot { .. } | RelayError::CheckpointAhead { .. } => 2,
         RelayError::Replication(crate::replication::ReplicationError::Connect(c))
             if c.is_permanent() =>
         {

@@ -56,11 +56,18 @@ pub enum RelayError {
         lsn: String,
         error: String,
     },
-    #[error("cannot start at {start}: slot {slot:?} has already confirmed everything up to {confirmed} and a slot never goes back; start without --start-lsn, or re-send older events with `outbox-relay replay --from-lsn {start}` if they are inside the replay window")]
+    #[error("cannot start at {start}: slot {slot:?} has already confirmed everything up to {confirmed} and a slot never goes back; start without --start-lsn or with one at or after {confirmed} (`outbox-relay status` shows earliest_replayable_lsn; configure [replay] window to be able to go further back)")]
     StartBehindSlot {
         slot: String,
         start: Lsn,
         confirmed: Lsn,
+    },
+    #[error("the checkpoint stored for slot {slot:?} ({checkpoint}) is ahead of this server's WAL ({current}): it was copied from another cluster (dump and restore, migration), and trusting it would skip events; delete it with DELETE FROM {schema}.checkpoint WHERE slot_name = '{slot}'; and start again")]
+    CheckpointAhead {
+        slot: String,
+        schema: String,
+        checkpoint: Lsn,
+        current: Lsn,
     },
 }
 
@@ -84,7 +91,8 @@ impl RelayError {
             | RelayError::Send(_)
             | RelayError::UnknownRelation(_)
             | RelayError::Refused { .. }
-            | RelayError::StartBehindSlot { .. } => true,
+            | RelayError::StartBehindSlot { .. }
+            | RelayError::CheckpointAhead { .. } => true,
         }
     }
 
@@ -100,7 +108,7 @@ impl RelayError {
             RelayError::Delivery(_) => "delivery",
             RelayError::Send(_) | RelayError::Refused { .. } => "produce",
             RelayError::UnknownRelation(_) => "protocol",
-            RelayError::StartBehindSlot { .. } => "setup",
+            RelayError::StartBehindSlot { .. } | RelayError::CheckpointAhead { .. } => "setup",
         }
     }
 }
@@ -130,13 +138,25 @@ pub struct RunOptions {
 }
 
 /// What a session reports to the checkpoint writer.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Progress {
     /// Highest commit end LSN below which everything is acknowledged.
     acked: Lsn,
     /// The slot position kept for the replay window, and since when it was acked.
     window_start: Option<(Lsn, SystemTime)>,
+    /// The window's samples, thinned ([`WINDOW_SAMPLES_STORED`]).
+    window_samples: Vec<(SystemTime, Lsn)>,
+    /// A session made sure the tables exist: the writer may start.
+    ready: bool,
 }
+
+/// Window samples stored with the checkpoint.
+const WINDOW_SAMPLES_STORED: usize = 64;
+
+/// A checkpoint write only for the window (the acknowledged position did not
+/// move) waits this long after the previous one: each write is WAL that moves
+/// the window on an idle database, which must not turn into a write per tick.
+const WINDOW_ONLY_WRITE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the relay until shutdown (`Ok`) or a fatal error. Failed sessions are
 /// retried with jittered exponential backoff; while another instance holds the
@@ -267,6 +287,8 @@ async fn checkpoint_task(
 ) {
     let mut store: Option<StateStore> = None;
     let mut written = Progress::default();
+    let mut written_at = tokio::time::Instant::now();
+    let mut failing = false;
     let mut ticker = tokio::time::interval(Duration::from_millis(cfg.checkpoint.interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -274,34 +296,64 @@ async fn checkpoint_task(
             _ = ticker.tick() => false,
             _ = &mut stop => true,
         };
+        if !progress.borrow().ready {
+            if stopping {
+                return;
+            }
+            continue;
+        }
         if store.is_none() {
             match setup::sql_connect(&pg).await {
                 Ok(c) => store = Some(StateStore::new(c, &cfg)),
                 Err(e) => tracing::debug!(error = %e, "checkpoint: cannot connect"),
             }
         }
-        if let Some(st) = &store {
-            let p = *progress.borrow();
-            let step = async {
-                if p.acked > written.acked || p.window_start != written.window_start {
-                    st.save(&Checkpoint {
-                        acked: p.acked,
-                        acked_at: SystemTime::now(),
-                        window_start: p.window_start,
-                    })
-                    .await?;
-                    metrics.checkpoint_lsn.set(p.acked.0 as f64);
+        let Some(st) = &store else {
+            if stopping {
+                return;
+            }
+            continue;
+        };
+        let p = progress.borrow().clone();
+        let due = p.acked > written.acked
+            || (p.window_start != written.window_start
+                && (stopping || written_at.elapsed() >= WINDOW_ONLY_WRITE_INTERVAL));
+        let step = async {
+            if due {
+                st.save(&Checkpoint {
+                    acked: p.acked,
+                    acked_at: SystemTime::now(),
+                    window_start: p.window_start,
+                    window_samples: p.window_samples.clone(),
+                })
+                .await?;
+                metrics.checkpoint_lsn.set(p.acked.0 as f64);
+            }
+            if !stopping {
+                pending.send_replace(st.has_pending().await?);
+            }
+            Ok::<_, SetupError>(())
+        };
+        match step.await {
+            Ok(()) => {
+                if due {
                     written = p;
+                    written_at = tokio::time::Instant::now();
                 }
-                if !stopping {
-                    pending.send_replace(st.has_pending().await?);
+                if failing {
+                    tracing::info!("checkpoint writes work again");
+                    failing = false;
                 }
-                Ok::<_, SetupError>(())
-            };
-            if let Err(e) = step.await {
-                // Missing tables are created by the next session; a broken
-                // connection is opened again on the next tick.
-                tracing::debug!(error = %e, "checkpoint: write failed");
+            }
+            Err(e) => {
+                metrics.error("checkpoint");
+                if !failing {
+                    // Once per failure, not per tick; the slot still guarantees
+                    // delivery, only the skipping of acknowledged transactions
+                    // after a restart and replay requests wait for it.
+                    tracing::warn!(error = %e, "cannot store the checkpoint or read replay requests; retrying");
+                    failing = true;
+                }
                 if st.client().is_closed() {
                     store = None;
                 }

@@ -175,6 +175,8 @@ pub struct SlotState {
     pub restart_lsn: Lsn,
     pub wal_status: Option<String>,
     pub active_pid: Option<i32>,
+    /// [`prepare`] created the slot just now.
+    pub created: bool,
 }
 
 /// Opens an SQL connection over the same kind of stream as the replication
@@ -434,6 +436,7 @@ pub async fn slot_state(
             restart_lsn: parse_lsn(r.get(3)),
             wal_status: r.get(4),
             active_pid: r.get(5),
+            created: false,
         };
         (
             state,
@@ -450,6 +453,7 @@ async fn ensure_slot(
     may_create: bool,
 ) -> Result<SlotState, SetupError> {
     let name = &cfg.postgres.slot;
+    let mut created = false;
     if slot_state(client, name).await?.is_none() {
         if !cfg.postgres.create_missing {
             return Err(SetupError::NoSlot { name: name.clone() });
@@ -476,6 +480,7 @@ async fn ensure_slot(
             .await
         {
             Ok(row) => {
+                created = true;
                 tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), "created replication slot")
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
@@ -501,7 +506,7 @@ async fn ensure_slot(
     if state.wal_status.as_deref() == Some("lost") {
         return Err(SetupError::SlotLost { name: name.clone() });
     }
-    Ok(state)
+    Ok(SlotState { created, ..state })
 }
 
 /// The server's WAL position: `pg_current_wal_lsn()`, or on a standby the last replayed position.

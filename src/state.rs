@@ -14,6 +14,9 @@ use crate::config::{quote_ident, Config};
 use crate::lsn::Lsn;
 use crate::setup::{q, SetupError};
 
+/// How often a replay request is started before it counts as failed.
+pub const MAX_ATTEMPTS: i32 = 3;
+
 /// `sql/002_relay_state.sql`, as shipped (schema `outbox_relay`).
 pub const STATE_SQL: &str = include_str!("../sql/002_relay_state.sql");
 
@@ -38,13 +41,45 @@ pub fn state_sql(schema: &str) -> Vec<String> {
 }
 
 /// The acknowledged position stored for a slot.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     /// Everything up to here was acknowledged by Kafka (a commit end LSN).
     pub acked: Lsn,
     pub acked_at: SystemTime,
     /// Where the relay keeps the slot for `[replay] window` (None without a window).
     pub window_start: Option<(Lsn, SystemTime)>,
+    /// Acknowledged positions over time that the window moves along (oldest first).
+    pub window_samples: Vec<(SystemTime, Lsn)>,
+}
+
+/// `[[unix ms, "X/X"], ...]`, the form of `checkpoint.window_samples`.
+fn samples_json(samples: &[(SystemTime, Lsn)]) -> serde_json::Value {
+    samples
+        .iter()
+        .map(|(t, l)| {
+            let ms = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            serde_json::json!([ms, l.to_string()])
+        })
+        .collect()
+}
+
+fn samples_of(v: Option<serde_json::Value>) -> Vec<(SystemTime, Lsn)> {
+    let Some(serde_json::Value::Array(items)) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|i| {
+            let ms = i.get(0)?.as_u64()?;
+            let lsn = i.get(1)?.as_str()?.parse().ok()?;
+            Some((
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                lsn,
+            ))
+        })
+        .collect()
 }
 
 /// A replay the relay executes: transactions whose commit end LSN is in `(from, to]`.
@@ -84,11 +119,17 @@ pub async fn exists(client: &Client, schema: &str) -> Result<bool, SetupError> {
 pub async fn privileges(client: &Client, schema: &str) -> Result<Option<bool>, SetupError> {
     let row = client
         .query_one(
-            "SELECT count(*) = 2,
+            "SELECT count(*) FILTER (WHERE c.relkind = 'r') = 2,
                     COALESCE(bool_and(has_schema_privilege(n.oid, 'USAGE')
-                        AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE')), false)
+                        AND CASE c.relkind
+                            WHEN 'S' THEN has_sequence_privilege(c.oid, 'USAGE')
+                            ELSE has_table_privilege(c.oid, 'SELECT')
+                                 AND has_table_privilege(c.oid, 'INSERT')
+                                 AND has_table_privilege(c.oid, 'UPDATE')
+                        END), false)
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 AND c.relname IN ('checkpoint', 'replay_request')",
+             WHERE n.nspname = $1
+               AND c.relname IN ('checkpoint', 'replay_request', 'replay_request_id_seq')",
             &[&schema],
         )
         .await
@@ -140,10 +181,30 @@ pub async fn ensure(client: &Client, cfg: &Config) -> Result<(), SetupError> {
 }
 
 async fn create_state(client: &Client, schema: &str) -> Result<(), tokio_postgres::Error> {
-    for stmt in state_sql(schema) {
+    for stmt in state_sql_for(client, schema).await? {
         client.batch_execute(&stmt).await?;
     }
     Ok(())
+}
+
+/// [`state_sql`] without `CREATE SCHEMA` when the schema exists: PostgreSQL
+/// checks CREATE on the database before IF NOT EXISTS, and a role may own an
+/// existing schema without that privilege.
+pub async fn state_sql_for(
+    client: &Client,
+    schema: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await?
+        .get(0);
+    Ok(state_sql(schema)
+        .into_iter()
+        .filter(|s| !(exists && s.starts_with("CREATE SCHEMA")))
+        .collect())
 }
 
 /// Reads and writes the relay's tables for one slot, over an owned or a
@@ -172,7 +233,8 @@ impl<C: Borrow<Client>> StateStore<C> {
             .client()
             .query_opt(
                 &format!(
-                    "SELECT acked_lsn::text, acked_at, window_start_lsn::text, window_start_at
+                    "SELECT acked_lsn::text, acked_at, window_start_lsn::text, window_start_at,
+                            window_samples::text
                      FROM {}.checkpoint WHERE slot_name = $1",
                     self.schema
                 ),
@@ -193,6 +255,10 @@ impl<C: Borrow<Client>> StateStore<C> {
                 acked: lsn(0).unwrap_or(Lsn::ZERO),
                 acked_at: r.get(1),
                 window_start: window,
+                window_samples: samples_of(
+                    r.get::<_, Option<String>>(4)
+                        .and_then(|t| serde_json::from_str(&t).ok()),
+                ),
             }
         }))
     }
@@ -207,18 +273,28 @@ impl<C: Borrow<Client>> StateStore<C> {
             .execute(
                 &format!(
                     "INSERT INTO {s}.checkpoint AS c
-                         (slot_name, acked_lsn, acked_at, window_start_lsn, window_start_at, updated_at)
-                     VALUES ($1, $2::text::pg_lsn, $3, $4::text::pg_lsn, $5, now())
+                         (slot_name, acked_lsn, acked_at, window_start_lsn, window_start_at,
+                          window_samples, updated_at)
+                     VALUES ($1, $2::text::pg_lsn, $3, $4::text::pg_lsn, $5, $6::text::jsonb, now())
                      ON CONFLICT (slot_name) DO UPDATE SET
                          acked_at = CASE WHEN EXCLUDED.acked_lsn > c.acked_lsn
                                          THEN EXCLUDED.acked_at ELSE c.acked_at END,
                          acked_lsn = GREATEST(c.acked_lsn, EXCLUDED.acked_lsn),
                          window_start_lsn = EXCLUDED.window_start_lsn,
                          window_start_at = EXCLUDED.window_start_at,
+                         window_samples = EXCLUDED.window_samples,
                          updated_at = now()",
                     s = self.schema
                 ),
-                &[&self.slot, &cp.acked.to_string(), &cp.acked_at, &wl, &wt],
+                &[
+                    &self.slot,
+                    &cp.acked.to_string(),
+                    &cp.acked_at,
+                    &wl,
+                    &wt,
+                    &(!cp.window_samples.is_empty())
+                        .then(|| samples_json(&cp.window_samples).to_string()),
+                ],
             )
             .await
             .map_err(q("writing the checkpoint"))?;
@@ -243,13 +319,28 @@ impl<C: Borrow<Client>> StateStore<C> {
     }
 
     /// Marks the oldest waiting request (`only`: that one) as running and returns
-    /// it. A request left running by a process that died is taken again.
+    /// it. A request left running by a process that died is taken again, at
+    /// most [`MAX_ATTEMPTS`] times in all: then it is marked failed, so that a
+    /// request that cannot succeed never holds up the live stream for good.
     pub async fn claim(&self, only: Option<i64>) -> Result<Option<ReplayJob>, SetupError> {
+        self.client()
+            .execute(
+                &format!(
+                    "UPDATE {s}.replay_request SET state = 'failed', finished_at = now(),
+                         error = coalesce(error, 'abandoned after ' || attempts || ' attempts')
+                     WHERE slot_name = $1 AND state = 'running' AND attempts >= $2",
+                    s = self.schema
+                ),
+                &[&self.slot, &MAX_ATTEMPTS],
+            )
+            .await
+            .map_err(q("giving up on replay requests"))?;
         let row = self
             .client()
             .query_opt(
                 &format!(
-                    "UPDATE {s}.replay_request SET state = 'running', started_at = now()
+                    "UPDATE {s}.replay_request
+                     SET state = 'running', started_at = now(), attempts = attempts + 1
                      WHERE id = (SELECT id FROM {s}.replay_request
                                  WHERE slot_name = $1 AND state IN ('pending', 'running')
                                    AND ($2::int8 IS NULL OR id = $2)
@@ -268,6 +359,22 @@ impl<C: Borrow<Client>> StateStore<C> {
             only_topic: r.get(3),
             topic_suffix: r.get(4),
         }))
+    }
+
+    /// Forgets the stored position: the slot was just created, so nothing
+    /// stored for a slot of this name before says anything about its stream.
+    pub async fn reset(&self) -> Result<(), SetupError> {
+        self.client()
+            .execute(
+                &format!(
+                    "DELETE FROM {}.checkpoint WHERE slot_name = $1",
+                    self.schema
+                ),
+                &[&self.slot],
+            )
+            .await
+            .map_err(q("resetting the checkpoint"))?;
+        Ok(())
     }
 
     /// Records how the request `id` ended.
@@ -289,7 +396,7 @@ impl<C: Borrow<Client>> StateStore<C> {
                 &format!(
                     "UPDATE {}.replay_request SET state = $2, finished_at = now(),
                          transactions = $3, events = $4, error = $5
-                     WHERE id = $1 AND state = 'running'",
+                     WHERE id = $1 AND state IN ('pending', 'running')",
                     self.schema
                 ),
                 &[&id, &state, &tx, &ev, &err],
@@ -346,6 +453,12 @@ impl<C: Borrow<Client>> StateStore<C> {
         }))
     }
 
+    /// Marks the request failed whether or not it started (the process that
+    /// executed it stops, or gave up).
+    pub async fn fail(&self, id: i64, why: &str) -> Result<(), SetupError> {
+        self.finish(id, &Outcome::Failed(why.to_string())).await
+    }
+
     /// Withdraws a request nobody started yet; returns whether it was still pending.
     pub async fn cancel(&self, id: i64) -> Result<bool, SetupError> {
         let n = self
@@ -367,6 +480,16 @@ impl<C: Borrow<Client>> StateStore<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_samples_round_trip_through_json() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_000_000_123);
+        let samples = vec![(t, Lsn(0x1_0000_0028)), (t, Lsn(7))];
+        let json = samples_json(&samples);
+        assert_eq!(json[0], serde_json::json!([1_764_000_000_123u64, "1/28"]));
+        assert_eq!(samples_of(Some(json)), samples);
+        assert!(samples_of(Some(serde_json::json!({"not": "a list"}))).is_empty());
+    }
 
     #[test]
     fn shipped_sql_splits_into_statements_under_the_configured_schema() {

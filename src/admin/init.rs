@@ -36,6 +36,7 @@ pub struct StateFacts {
     pub usable: bool,
     /// The role may create what is missing (CREATE on the database, or on the existing schema).
     pub may_create: bool,
+    pub schema_exists: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,20 +173,21 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
                 wal_status: state.wal_status,
             });
     let schema = &cfg.checkpoint.schema;
-    let may_create: bool = client
+    let row = client
         .query_one(
-            "SELECT has_database_privilege(current_database(), 'CREATE')
-                 OR COALESCE((SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = $1), false)",
+            "SELECT COALESCE((SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = $1),
+                             has_database_privilege(current_database(), 'CREATE')),
+                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
             &[schema],
         )
         .await
-        .map_err(q("checking privileges for the relay's state tables"))?
-        .get(0);
+        .map_err(q("checking privileges for the relay's state tables"))?;
     let privileges = crate::state::privileges(client, schema).await?;
     let state = StateFacts {
         exists: privileges.is_some(),
         usable: privileges.unwrap_or(false),
-        may_create,
+        may_create: row.get(0),
+        schema_exists: row.get(1),
     };
     Ok(Facts {
         state,
@@ -378,7 +380,11 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 schema: schema.clone(),
             })
         } else {
-            Create(crate::state::state_sql(schema).join("; "))
+            let statements: Vec<String> = crate::state::state_sql(schema)
+                .into_iter()
+                .filter(|s| !(f.state.schema_exists && s.starts_with("CREATE SCHEMA")))
+                .collect();
+            Create(statements.join("; "))
         },
     ));
     items

@@ -55,7 +55,7 @@ pub fn check_range(
     };
     if from >= to {
         return Err(format!(
-            "nothing to replay: the range ({from}, {to}] is empty (the checkpoint, the last acknowledged position, is {checkpoint}); pass a --from-lsn below it"
+            "nothing to replay: the range ({from}, {to}] is empty (the checkpoint, the last acknowledged position, is {checkpoint}; the earliest replayable LSN is {earliest}); pass a --from-lsn between them, and set [replay] window to keep more WAL replayable"
         ));
     }
     Ok(Range { from, to, clamped })
@@ -69,6 +69,20 @@ pub(super) async fn run(
 ) -> Result<Option<u8>, SetupError> {
     let mut out = std::io::stdout().lock();
     let slot_name = &cfg.postgres.slot;
+    for (flag, topic) in [
+        ("--only-topic", args.only_topic.clone()),
+        (
+            "--topic-suffix",
+            args.topic_suffix.as_ref().map(|s| format!("t{s}")),
+        ),
+    ] {
+        if topic.is_some_and(|t| !crate::outbox::valid_topic(&t)) {
+            eprintln!(
+                "outbox-relay: {flag} must keep topic names valid (1-249 of a-z A-Z 0-9 . _ -)"
+            );
+            return Ok(Some(2));
+        }
+    }
     if !crate::state::exists(&client, &cfg.checkpoint.schema).await? {
         eprintln!(
             "outbox-relay: {}",
@@ -141,7 +155,7 @@ pub(super) async fn run(
             }
             Err(e) => {
                 eprintln!("outbox-relay: replay failed: {e}");
-                let _ = store.cancel(id).await;
+                let _ = store.fail(id, &format!("stopped by an error: {e}")).await;
                 return Ok(Some(if e.is_fatal() { 2 } else { 1 }));
             }
         }
@@ -165,7 +179,7 @@ pub(super) async fn run(
             if cancelled {
                 "it was withdrawn: is the relay holding the slot a version without replay support, or stuck? (`outbox-relay status`)"
             } else {
-                "it keeps running in the relay; see outbox_relay.replay_request"
+                "it keeps running in the relay; see the replay_request table"
             }
         );
         return Ok(Some(1));
@@ -206,7 +220,10 @@ async fn replay_here(cfg: &Config, id: i64) -> Result<(), RelayError> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
+        eprintln!("outbox-relay: stopping the replay (Ctrl-C again exits at once)");
         let _ = tx.send(true);
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
     });
     let opts = RunOptions {
         replay_request: Some(id),

@@ -131,8 +131,8 @@ impl Status {
             publication: &self.publication,
             publication_exists: self.publication_tables.is_some(),
             publication_tables: self.publication_tables.as_deref().unwrap_or_default(),
-            checkpoint_lsn: self.checkpoint.map(|c| c.acked),
-            checkpoint_age_seconds: self.checkpoint.map(|c| age(c.acked_at)),
+            checkpoint_lsn: self.checkpoint.as_ref().map(|c| c.acked),
+            checkpoint_age_seconds: self.checkpoint.as_ref().map(|c| age(c.acked_at)),
             earliest_replayable_lsn: r.map(|r| r.confirmed_flush),
             replay_window_bytes: self.window_bytes(),
             replay_window_age_seconds: self.window_age(),
@@ -141,13 +141,13 @@ impl Status {
 
     /// Replayable WAL: from the slot's confirmed position to the checkpoint.
     fn window_bytes(&self) -> Option<u64> {
-        let (r, c) = (self.report.as_ref()?, self.checkpoint?);
+        let (r, c) = (self.report.as_ref()?, self.checkpoint.as_ref()?);
         Some(c.acked.0.saturating_sub(r.confirmed_flush.0))
     }
 
     /// How long ago the replay window's start was acknowledged (a relay with `[replay] window`).
     fn window_age(&self) -> Option<u64> {
-        self.checkpoint?.window_start.map(|(_, t)| age(t))
+        self.checkpoint.as_ref()?.window_start.map(|(_, t)| age(t))
     }
 
     /// Aligned `key  value` lines; keys are the JSON field names.
@@ -190,7 +190,7 @@ impl Status {
         let lsn = |l: Option<Lsn>| l.map_or("-".into(), |l| l.to_string());
         rows.push((
             "checkpoint_lsn",
-            match self.checkpoint {
+            match &self.checkpoint {
                 Some(c) => format!("{} ({}s ago)", c.acked, age(c.acked_at)),
                 None => "- (nothing stored yet)".into(),
             },

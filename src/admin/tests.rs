@@ -57,6 +57,7 @@ fn fresh() -> Facts {
             exists: false,
             usable: false,
             may_create: true,
+            schema_exists: false,
         },
     }
 }
@@ -313,6 +314,7 @@ fn status_text_is_aligned_and_json_is_flat() {
         acked: Lsn(0x1_0000_1800),
         acked_at: later,
         window_start: Some((Lsn(0x1_0000_1000), later)),
+        window_samples: Vec::new(),
     });
     assert_eq!(
         s.text(),

@@ -116,6 +116,10 @@ impl Session<'_> {
         } else {
             let slot = setup::prepare(&client, cfg, self.first).await?;
             let (plan, store) = self.plan(client, &slot).await?;
+            if store.is_some() {
+                self.progress
+                    .send_if_modified(|p| !std::mem::replace(&mut p.ready, true));
+            }
             (cfg.postgres.slot.clone(), Some(slot), plan, store)
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
@@ -134,6 +138,9 @@ impl Session<'_> {
             .start_logical(&slot_name, start, &cfg.postgres.publication)
             .await?;
         self.streamed = true;
+        // Whatever the window says, never confirm less than the slot already has:
+        // PostgreSQL would store the lower position.
+        writer.raise_floor(confirmed);
         // Holding the slot, this instance may take a replay request.
         let mut plan = plan;
         if let Some(store) = &store {
@@ -231,12 +238,33 @@ impl Session<'_> {
         self.first_seq = s.tracker.next_seq();
         let _ = self.send_status(&mut writer, &s).await;
         self.publish(&mut s);
+        self.abandon_job(&s, &result).await;
         end_stream(reader, writer).await;
         self.metrics
             .records_in_flight
             .set(s.tracker.in_flight() as i64);
         tracing::info!(confirmed = %s.tracker.confirmed(), unacknowledged = s.tracker.in_flight(), "stopped streaming");
         result
+    }
+
+    /// A replay that ends with its session is marked failed, so that it does not
+    /// hold up the next session: on an error (a refused record, an invalid
+    /// suffixed topic) it would fail again; when `replay` itself was stopped,
+    /// the user asked for it. A live relay's shutdown leaves it to the next
+    /// instance (it is started again, at most `state::MAX_ATTEMPTS` times).
+    async fn abandon_job(&self, s: &Stream, result: &Result<SessionEnd, RelayError>) {
+        let (Some(p), Some(store)) = (&s.plan.job, &s.store) else {
+            return;
+        };
+        let why = match result {
+            Err(e) => format!("stopped by an error: {e}"),
+            Ok(_) if self.opts.replay_request.is_some() => "interrupted before it was done".into(),
+            Ok(_) => return,
+        };
+        tracing::error!(request = p.job.id, "replay failed: {why}");
+        if let Err(e) = store.fail(p.job.id, &why).await {
+            tracing::warn!(request = p.job.id, error = %e, "cannot mark the replay request failed");
+        }
     }
 
     /// Reads the checkpoint: what to skip. Sets up the replay window on a first run.
@@ -255,33 +283,52 @@ impl Session<'_> {
         }
         crate::state::ensure(&client, cfg).await?;
         let store = StateStore::new(client, cfg);
+        if slot.created {
+            // A new slot is a new stream: what was stored under its name before
+            // describes another one.
+            store.reset().await?;
+        }
         let checkpoint = store.load().await?;
         if let Some(cp) = &checkpoint {
-            self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
-        }
-        plan.skip_through = checkpoint.map_or(Lsn::ZERO, |c| c.acked).max(self.acked);
-        if let (true, Some(start)) = (self.first, self.opts.start_lsn) {
-            // --start-lsn: everything after it, acknowledged before or not.
-            if start < slot.confirmed_flush {
-                return Err(RelayError::StartBehindSlot {
+            let current = setup::current_wal(store.client()).await?;
+            if cp.acked > current {
+                return Err(RelayError::CheckpointAhead {
                     slot: cfg.postgres.slot.clone(),
-                    start,
-                    confirmed: slot.confirmed_flush,
+                    schema: cfg.checkpoint.schema.clone(),
+                    checkpoint: cp.acked,
+                    current,
                 });
             }
-            if start > plan.skip_through {
-                tracing::warn!(start = %start, checkpoint = %plan.skip_through, "--start-lsn is past the checkpoint: events committed between them are not sent");
-            }
-            plan.skip_through = Lsn::ZERO;
+            self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
         }
+        let stored = checkpoint.as_ref().map_or(Lsn::ZERO, |c| c.acked);
+        plan.skip_through = match self.opts.start_lsn {
+            // --start-lsn: everything after it, acknowledged before or not.
+            Some(start) if self.first => {
+                if start < slot.confirmed_flush {
+                    return Err(RelayError::StartBehindSlot {
+                        slot: cfg.postgres.slot.clone(),
+                        start,
+                        confirmed: slot.confirmed_flush,
+                    });
+                }
+                if start > stored {
+                    tracing::warn!(start = %start, checkpoint = %stored, "--start-lsn is past the checkpoint: events committed between them are not sent");
+                }
+                Lsn::ZERO
+            }
+            // After a reconnect, only what this process acknowledged since: the
+            // re-send asked for goes on where it was.
+            Some(_) => self.acked,
+            None => stored.max(self.acked),
+        };
         if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {
-            let seed: Vec<_> = checkpoint
-                .iter()
-                .flat_map(|cp| {
-                    std::iter::once((cp.acked_at, cp.acked))
-                        .chain(cp.window_start.map(|(l, t)| (t, l)))
-                })
-                .collect();
+            let mut seed = Vec::new();
+            if let Some(cp) = &checkpoint {
+                seed.extend(cp.window_samples.iter().copied());
+                seed.push((cp.acked_at, cp.acked));
+                seed.extend(cp.window_start.map(|(l, t)| (t, l)));
+            }
             *self.window = Some(WindowKeeper::new(w, &seed));
         }
         Ok((plan, Some(store)))
@@ -385,14 +432,22 @@ impl Session<'_> {
             self.acked = self.acked.max(s.tracker.confirmed());
             s.acked_since_publish = false;
         }
+        let acked = self.acked;
+        let window_start = self.window_start;
+        let window = self.window.as_ref();
         self.progress.send_if_modified(|p| {
-            let next = Progress {
-                acked: self.acked,
-                window_start: self.window_start,
+            if p.acked == acked && p.window_start == window_start {
+                return false;
+            }
+            *p = Progress {
+                acked,
+                window_start,
+                window_samples: window
+                    .map(|w| w.snapshot(super::WINDOW_SAMPLES_STORED))
+                    .unwrap_or_default(),
+                ready: true,
             };
-            let changed = *p != next;
-            *p = next;
-            changed
+            true
         });
     }
 

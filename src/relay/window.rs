@@ -57,6 +57,18 @@ impl WindowKeeper {
         }
     }
 
+    /// At most `max` samples, spread evenly from the oldest to the newest, to
+    /// store with the checkpoint: a restarted relay moves the window on from them.
+    pub fn snapshot(&self, max: usize) -> Vec<(SystemTime, Lsn)> {
+        let n = self.samples.len();
+        if n <= max || max < 2 {
+            return self.samples.iter().copied().collect();
+        }
+        (0..max)
+            .map(|i| self.samples[i * (n - 1) / (max - 1)])
+            .collect()
+    }
+
     /// Everything up to `acked` was acknowledged at `now`.
     pub fn observe(&mut self, now: SystemTime, acked: Lsn) {
         let due = match self.samples.back() {
@@ -140,6 +152,22 @@ mod tests {
         );
         assert_eq!(k.target(at(3600)), Some((Lsn(500), at(0))));
         assert_eq!(k.target(at(8600)), Some((Lsn(900), at(5000))));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_oldest_and_the_newest_and_seeds_a_keeper() {
+        let mut k = WindowKeeper::new(Window::Age(Duration::from_secs(100)), &[]);
+        for s in 0..50 {
+            k.observe(at(s * 10), Lsn(s + 1));
+        }
+        let snap = k.snapshot(8);
+        assert_eq!(snap.len(), 8);
+        assert_eq!(snap[0], (at(0), Lsn(1)));
+        assert_eq!(snap[7], (at(490), Lsn(50)));
+        // A keeper restarted from the snapshot moves on as the first one would.
+        let mut again = WindowKeeper::new(Window::Age(Duration::from_secs(100)), &snap);
+        let (lsn, _) = again.target(at(500)).unwrap();
+        assert!(lsn >= Lsn(30) && lsn <= Lsn(41), "{lsn}");
     }
 
     #[test]

@@ -219,6 +219,11 @@ impl StatusWriter {
         self.last_sent
     }
 
+    /// Never report less than `lsn` from now on (the slot's confirmed position).
+    pub fn raise_floor(&mut self, lsn: Lsn) {
+        self.last_sent = self.last_sent.max(lsn);
+    }
+
     /// Sends a standby status update with `lsn` as written, flushed and applied
     /// position. A position lower than one sent before is raised to it: the
     /// server must never see the confirmed position go backwards.

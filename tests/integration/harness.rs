@@ -367,14 +367,17 @@ impl TestCase {
         }
     }
 
-    /// Config text for this test; `extra` is appended (more keys or sections).
+    /// Config text for this test; `extra_kafka` goes into `[kafka]`. No metrics
+    /// listener: binaries of concurrent tests would fight over the default port
+    /// (replace `listen = ""` to get one).
     pub fn config_text(&self, brokers: &str, extra_kafka: &str) -> String {
         let s = servers();
         format!(
             "[postgres]\nurl = \"{url}\"\nslot = \"{n}\"\npublication = \"{n}\"\nstatus_interval_ms = 200\n\n\
              [outbox]\ntable = \"public.{t}\"\ntopic = \"{n}.{{aggregate_type}}\"\n\n\
              [kafka]\nbrokers = \"{brokers}\"\ncreate_topics = true\ntopic_partitions = 3\n{extra_kafka}\n\
-             [relay]\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 1000\nshutdown_timeout_ms = 5000\n",
+             [relay]\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 1000\nshutdown_timeout_ms = 5000\n\n\
+             [metrics]\nlisten = \"\"\n",
             url = s.url(),
             n = self.name,
             t = self.table,

@@ -219,7 +219,58 @@ async fn replay_outside_the_window_and_start_behind_the_slot_are_refused() {
             && line.contains("[replay] window"),
         "{out}"
     );
+    // A request the relay cannot execute is marked failed; the live stream goes on.
+    let id: i64 = db
+        .query_one(
+            "INSERT INTO outbox_relay.replay_request (slot_name, from_lsn, to_lsn)
+             VALUES ($1, '0/1', $2::text::pg_lsn) RETURNING id",
+            &[&tc.name, &commit.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let state = |id: i64| async move {
+        servers()
+            .sql()
+            .await
+            .query_one(
+                "SELECT state, coalesce(error, '') FROM outbox_relay.replay_request WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .unwrap()
+    };
+    eventually(30, "the request marked failed", || async {
+        state(id).await.0 == "failed"
+    })
+    .await;
+    assert!(state(id).await.1.contains("earliest replayable LSN"));
+    insert_rows(&db, &tc.table, "order", 5, 5).await;
+    assert_eq!(consume_async(tc.topic("order"), 10).await.len(), 10);
     relay.stop().await.unwrap();
+
+    // A checkpoint from another cluster (ahead of this server's WAL) is refused.
+    db.execute(
+        "UPDATE outbox_relay.checkpoint SET acked_lsn = 'FFFF/0' WHERE slot_name = $1",
+        &[&tc.name],
+    )
+    .await
+    .unwrap();
+    let err = spawn_relay(config(&text)).join().await.unwrap_err();
+    assert!(
+        err.to_string().contains("is ahead of this server's WAL")
+            && err
+                .to_string()
+                .contains("DELETE FROM outbox_relay.checkpoint"),
+        "{err}"
+    );
+    db.execute(
+        "DELETE FROM outbox_relay.checkpoint WHERE slot_name = $1",
+        &[&tc.name],
+    )
+    .await
+    .unwrap();
 
     let confirmed = tc.confirmed().await;
     let out = relay_cli(&["run", "--start-lsn", "0/1"], file.path()).await;
@@ -230,6 +281,33 @@ async fn replay_outside_the_window_and_start_behind_the_slot_are_refused() {
         )),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn the_window_moves_on_across_restarts_more_frequent_than_the_window() {
+    let tc = TestCase::new("replay_window").await;
+    let text = config_text(&tc, "[replay]\nwindow = \"2s\"\n");
+    let db = servers().sql().await;
+    let mut relay = start_relay(config(&text)).await;
+    let first = insert_rows(&db, &tc.table, "order", 0, 5).await;
+    for round in 1..8 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        relay.stop().await.unwrap();
+        relay = start_relay(config(&text)).await;
+        insert_rows(&db, &tc.table, "order", round * 5, 5).await;
+    }
+    eventually(30, "the slot confirmed past the first batch", || async {
+        tc.confirmed().await >= first
+    })
+    .await;
+    let got = consume_async(tc.topic("order"), 40).await;
+    assert_eq!(
+        sorted(seqs(&got)),
+        (0..40).collect::<Vec<_>>(),
+        "restarts inside the window send nothing twice"
+    );
+    assert!(relay.metrics.replay_window_age_seconds.get() >= 2.0);
+    relay.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -271,7 +349,8 @@ async fn checkpoint_survives_sigkill_and_never_leads_kafka() {
     let tc = TestCase::new("replay_kill").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("relay.toml");
-    std::fs::write(&cfg, config_text(&tc, "")).unwrap();
+    // With a window the slot stays behind: only the checkpoint prevents repeats.
+    std::fs::write(&cfg, config_text(&tc, "[replay]\nwindow = \"1h\"\n")).unwrap();
     let log = dir.path().join("relay.log");
     let mut child = spawn_relay_binary(&cfg, &log);
     eventually(60, "relay streaming", || tc.slot_exists(true)).await;
