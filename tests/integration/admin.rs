@@ -402,3 +402,59 @@ async fn status_of_a_missing_slot_exits_1_and_says_how_to_create_it() {
         }
     }
 }
+
+/// The README's least-privilege setup: a REPLICATION role with SELECT on the
+/// outbox, a publication and slot created for it, and a schema of its own for
+/// the state tables. `init` creates only those tables; the relay then streams.
+#[tokio::test]
+async fn the_relay_runs_as_a_least_privilege_role() {
+    const PW: &str = "lp-pw-31c8";
+    create_role("admin_lp", PW, "REPLICATION").await;
+    let tc = TestCase::new("admin_lp").await;
+    let db = servers().sql().await;
+    let t = &tc.table;
+    // One statement per call: a slot cannot be created in a transaction that wrote.
+    for sql in [
+        format!("GRANT SELECT ON public.{t} TO admin_lp"),
+        format!("CREATE PUBLICATION admin_lp FOR TABLE public.{t} WITH (publish = 'insert')"),
+        "SELECT pg_create_logical_replication_slot('admin_lp', 'pgoutput')".into(),
+        "CREATE SCHEMA state_admin_lp AUTHORIZATION admin_lp".into(),
+    ] {
+        db.batch_execute(&sql).await.unwrap();
+    }
+    let text = config_as(&tc, "admin_lp", PW).replace(
+        "status_interval_ms = 200\n",
+        "status_interval_ms = 200\ncreate_missing = false\n",
+    );
+    let cfg = config_file(&text);
+    let out = relay_cli(&["init"], cfg.path()).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    out.assert_no_secret(&[PW]);
+    assert_eq!(out.item("role admin_lp"), "ok (REPLICATION)", "{out}");
+    assert_eq!(out.item("state tables state_admin_lp"), "created", "{out}");
+    assert!(out.item("slot admin_lp").starts_with("ok"), "{out}");
+
+    let config = outbox_relay::config::Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    let running = start_relay(config).await;
+    insert_rows(&db, &tc.table, "order", 0, 3).await;
+    let brokers = servers().brokers.clone();
+    let topic = tc.topic("order");
+    let got = tokio::task::spawn_blocking(move || consume_all(&brokers, &[topic], 3))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3, "{got:?}");
+    running.stop().await.unwrap();
+    let stored: Option<String> = db
+        .query_opt(
+            "SELECT acked_lsn::text FROM state_admin_lp.checkpoint WHERE slot_name = 'admin_lp'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    assert!(
+        stored.is_some(),
+        "the relay stored its checkpoint as that role"
+    );
+    drop_slot(&tc).await;
+}
