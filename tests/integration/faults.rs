@@ -1,7 +1,8 @@
 //! Faults on the PostgreSQL side: the server restarted (fast and immediate),
 //! the walsender killed in the middle of a large transaction, the relay killed
-//! with SIGKILL again and again, and the slot dropped under a running relay.
-//! Every committed row reaches Kafka at least once; duplicates are counted.
+//! with SIGKILL again and again, and the slot dropped or invalidated
+//! (`max_slot_wal_keep_size`) under a running relay. Every committed row
+//! reaches Kafka at least once; duplicates are counted.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -216,6 +217,141 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     let relay = start_relay(Config::from_toml(&text, Path::new("t"), |_| None).unwrap()).await;
     assert!(tc.slot_exists(false).await);
     relay.stop().await.unwrap();
+}
+
+/// The slot's `wal_status` on `db`, `None` if the slot does not exist.
+async fn wal_status(db: &tokio_postgres::Client, slot: &str) -> Option<Option<String>> {
+    db.query_opt(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated() {
+    use rdkafka::mocking::MockCluster;
+    // A server that keeps no WAL for a slot beyond the current segment: the
+    // first checkpoint after a segment switch invalidates a slot left behind.
+    let pg = PgCluster::start_with(ClusterOptions {
+        settings: vec![
+            "max_slot_wal_keep_size=1MB".into(),
+            "wal_keep_size=0".into(),
+            "min_wal_size=32MB".into(),
+            "max_wal_size=64MB".into(),
+        ],
+        ..Default::default()
+    });
+    let tc = TestCase {
+        name: "lostslot".into(),
+        table: "outbox".into(),
+    };
+    let db = pg.sql().await;
+    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
+        .await
+        .unwrap();
+    db.batch_execute("CREATE TABLE scratch (pad text)")
+        .await
+        .unwrap();
+    // Kafka that can go away: the slot then stays where the last acknowledged record was.
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    let text = tc
+        .config_text(
+            &mock.bootstrap_servers(),
+            "[kafka.properties]\n\"message.timeout.ms\" = 300000\n",
+        )
+        .replace("create_topics = true", "create_topics = false")
+        .replace(&servers().url(), &pg.url());
+    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    let relay = start_relay(cfg.clone()).await;
+    let confirmed = || async {
+        db.query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'lostslot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse::<Lsn>()
+        .unwrap()
+    };
+    let first = insert_rows(&db, "outbox", "evt", 0, 5).await;
+    eventually(30, "first rows confirmed", || async {
+        confirmed().await >= first
+    })
+    .await;
+
+    mock.broker_down(1).unwrap();
+    let held = insert_rows(&db, "outbox", "evt", 5, 5).await;
+    // WAL moves on while the slot waits for Kafka; checkpoints remove what it still needs.
+    let started = Instant::now();
+    let mut switches = 0;
+    while wal_status(&db, &tc.name).await != Some(Some("lost".into())) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "slot not invalidated after {switches} WAL switches: {:?}",
+            wal_status(&db, &tc.name).await
+        );
+        db.batch_execute(
+            "INSERT INTO scratch SELECT repeat('x', 100) FROM generate_series(1, 1000);
+             SELECT pg_switch_wal();
+             CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        switches += 1;
+    }
+    let lost_after = started.elapsed();
+    assert!(
+        confirmed().await < held,
+        "the unacknowledged rows were never confirmed"
+    );
+
+    // The relay notices (its walsender was terminated, it reconnects and finds
+    // the slot lost) and stops for good instead of retrying.
+    let err = relay.join().await.unwrap_err();
+    let stopped_after = started.elapsed();
+    assert!(err.is_fatal(), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("may be missing from Kafka")
+            && msg.contains("pg_drop_replication_slot('lostslot')")
+            && msg.contains("outbox-relay init"),
+        "the error must say events may be missing and how to recover: {msg}"
+    );
+    assert_eq!(
+        wal_status(&db, &tc.name).await,
+        Some(Some("lost".into())),
+        "the lost slot is left as it is, not dropped or recreated"
+    );
+
+    // Starting the binary again refuses as well (exit 2, one line), even with
+    // recreate_missing_slot: the slot is not missing, and a new one would skip
+    // the lost events silently.
+    let config =
+        config_file(&text.replace("[postgres]\n", "[postgres]\nrecreate_missing_slot = true\n"));
+    let out = relay_cli(&["run"], config.path()).await;
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("outbox-relay: "))
+        .collect();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("replication slot \"lostslot\" is lost (wal_status = lost)")
+            && errors[0].contains("may be missing from Kafka"),
+        "{out}"
+    );
+    assert_eq!(wal_status(&db, &tc.name).await, Some(Some("lost".into())));
+    eprintln!(
+        "FAULT slot_invalidated: written=10 acked_before_outage=5 wal_switches={switches} lost_after_ms={} fatal_after_ms={} error: {msg}",
+        lost_after.as_millis(),
+        stopped_after.as_millis()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
