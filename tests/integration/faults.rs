@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use outbox_relay::config::Config;
 use outbox_relay::lsn::Lsn;
@@ -16,6 +16,18 @@ use outbox_relay::relay::RelayError;
 use outbox_relay::setup::SetupError;
 
 use crate::harness::*;
+
+/// Whether a walsender that started at or after `since` streams from `slot`.
+async fn streaming_since(db: &tokio_postgres::Client, slot: &str, since: SystemTime) -> bool {
+    db.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots r JOIN pg_stat_activity a ON a.pid = r.active_pid
+             WHERE r.slot_name = $1 AND a.backend_start >= $2)",
+            &[&slot, &since],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
 
 /// Every row in the table is in `got`; returns the number of duplicates.
 fn assert_all_delivered(committed: &HashSet<i64>, got: &[Consumed]) -> usize {
@@ -60,6 +72,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
 
     let mut next = 0i64;
     let started = Instant::now();
+    let mut max_recovery = Duration::ZERO;
     for mode in ["fast", "immediate"] {
         let db = pg.sql().await;
         for _ in 0..10 {
@@ -79,11 +92,13 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
         pg.stop(mode);
         tokio::time::sleep(Duration::from_millis(500)).await;
         pg.start_again();
+        let restarted = Instant::now();
         // The relay reconnects on its own with backoff.
         eventually(60, "relay streaming again", || async {
             relay.metrics.is_active()
         })
         .await;
+        max_recovery = max_recovery.max(restarted.elapsed());
     }
     let db = pg.sql().await;
     let end = insert_rows(&db, "outbox", "evt", next, 10).await;
@@ -99,11 +114,12 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     });
     let duplicates = assert_all_delivered(&committed, &got);
     eprintln!(
-        "pg restarts: {} rows committed, {} records, {duplicates} duplicates, {} reconnects, {:?}",
+        "FAULT pg_restarts: written={} delivered={} duplicates={duplicates} restarts=2 reconnects={} max_recovery_ms={} total_ms={}",
         committed.len(),
         got.len(),
         relay.metrics.reconnects.get(),
-        started.elapsed()
+        max_recovery.as_millis(),
+        started.elapsed().as_millis()
     );
     assert!(relay.metrics.reconnects.get() >= 2);
     relay.stop().await.unwrap();
@@ -141,24 +157,19 @@ async fn walsender_killed_mid_large_transaction_delivers_it_whole() {
         tc.confirmed().await >= end
     })
     .await;
+    let recovery = t0.elapsed();
     let committed: HashSet<i64> = (0..2000).collect();
-    eprintln!(
-        "walsender cut: confirmed after {:?}; received {} produced {} acked {} failed {}",
-        t0.elapsed(),
-        Metrics::total(&relay.metrics.events_received),
-        Metrics::total(&relay.metrics.events_produced),
-        Metrics::total(&relay.metrics.events_acked),
-        Metrics::total(&relay.metrics.events_failed),
-    );
     let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
         seqs(g).into_iter().collect::<HashSet<_>>().len() >= 2000
     });
     let duplicates = assert_all_delivered(&committed, &got);
     eprintln!(
-        "walsender cut: read after {:?}: 2000-row transaction, cut after {received_at_cut} received, {} records, {duplicates} duplicates, {} reconnects",
-        t0.elapsed(),
+        "FAULT walsender_cut: written=2000 delivered={} duplicates={duplicates} cut_after_received={received_at_cut} acked={} failed={} reconnects={} recovery_ms={}",
         got.len(),
-        relay.metrics.reconnects.get()
+        Metrics::total(&relay.metrics.events_acked),
+        Metrics::total(&relay.metrics.events_failed),
+        relay.metrics.reconnects.get(),
+        recovery.as_millis()
     );
     assert!(
         duplicates <= 2000,
@@ -185,7 +196,9 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     ))
     .await
     .unwrap();
+    let dropped = Instant::now();
     let err = relay.join().await.unwrap_err();
+    let fatal_after = dropped.elapsed();
     assert!(
         matches!(&err, RelayError::Setup(e) if matches!(**e, SetupError::SlotMissing { .. })),
         "{err:?}"
@@ -217,6 +230,10 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     let relay = start_relay(Config::from_toml(&text, Path::new("t"), |_| None).unwrap()).await;
     assert!(tc.slot_exists(false).await);
     relay.stop().await.unwrap();
+    eprintln!(
+        "FAULT slot_dropped: fatal_after_ms={} recreated_only_with_opt_in=true",
+        fatal_after.as_millis()
+    );
 }
 
 /// The slot's `wal_status` on `db`, `None` if the slot does not exist.
@@ -348,7 +365,7 @@ async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated()
     );
     assert_eq!(wal_status(&db, &tc.name).await, Some(Some("lost".into())));
     eprintln!(
-        "FAULT slot_invalidated: written=10 acked_before_outage=5 wal_switches={switches} lost_after_ms={} fatal_after_ms={} error: {msg}",
+        "FAULT slot_invalidated: written=10 acked_before_outage=5 wal_switches={switches} lost_after_ms={} fatal_after_ms={}",
         lost_after.as_millis(),
         stopped_after.as_millis()
     );
@@ -370,26 +387,50 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    // Deterministic pseudo-random kill points.
+    // Deterministic pseudo-random kill points. Recovery: from a restart until
+    // the new instance streams, if that happens before the next kill.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut kills = 0;
+    let mut recoveries = Vec::new();
+    let mut respawned = None;
+    let probe = s.sql().await;
     while !writer.is_finished() && kills < 12 {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        tokio::time::sleep(Duration::from_millis(150 + state % 500)).await;
+        let kill_at = Instant::now() + Duration::from_millis(150 + state % 500);
+        if let Some(at) = respawned.take() {
+            while Instant::now() < kill_at {
+                if streaming_since(&probe, &tc.name, at).await {
+                    recoveries.push(at.elapsed().unwrap());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep_until(kill_at.into()).await;
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
+        respawned = Some(SystemTime::now());
         child = spawn_relay_binary(&config, &log);
+    }
+    if let Some(at) = respawned {
+        eventually(60, "the last instance streams", || {
+            streaming_since(&probe, &tc.name, at)
+        })
+        .await;
+        recoveries.push(at.elapsed().unwrap());
     }
     writer.await.unwrap();
     let db = s.sql().await;
     let end = wal_insert_lsn(&db).await;
+    let written_at = Instant::now();
     eventually(90, "last instance confirms everything", || async {
         tc.confirmed().await >= end
     })
     .await;
+    let catch_up = written_at.elapsed();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -416,7 +457,10 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
         );
     }
     eprintln!(
-        "sigkill: {kills} kills, {TOTAL} rows, {} records, {duplicates} duplicates",
-        got.len()
+        "FAULT sigkill: written={TOTAL} delivered={} duplicates={duplicates} kills={kills} recovered_before_next_kill={} max_recovery_ms={} catch_up_ms={}",
+        got.len(),
+        recoveries.len(),
+        recoveries.iter().max().unwrap_or(&Duration::ZERO).as_millis(),
+        catch_up.as_millis()
     );
 }
