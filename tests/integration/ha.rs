@@ -25,7 +25,7 @@ async fn standby_takes_over_after_the_active_instance_is_killed() {
         let text = tc
             .config_text(&s.brokers, "")
             .replace("[relay]\n", &format!("[relay]\n{extra}"))
-            + &format!("\n[metrics]\nlisten = \"{addr}\"\n");
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
         std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
     }
     let mut a = spawn_relay_binary(&dir.path().join("a.toml"), &dir.path().join("a.log"));

@@ -367,14 +367,17 @@ impl TestCase {
         }
     }
 
-    /// Config text for this test; `extra` is appended (more keys or sections).
+    /// Config text for this test; `extra_kafka` goes into `[kafka]` (more keys
+    /// or sections). The metrics listener takes a free port: relay binaries of
+    /// tests running at the same time must not compete for the default 127.0.0.1:9187.
     pub fn config_text(&self, brokers: &str, extra_kafka: &str) -> String {
         let s = servers();
         format!(
             "[postgres]\nurl = \"{url}\"\nslot = \"{n}\"\npublication = \"{n}\"\nstatus_interval_ms = 200\n\n\
              [outbox]\ntable = \"public.{t}\"\ntopic = \"{n}.{{aggregate_type}}\"\n\n\
              [kafka]\nbrokers = \"{brokers}\"\ncreate_topics = true\ntopic_partitions = 3\n{extra_kafka}\n\
-             [relay]\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 1000\nshutdown_timeout_ms = 5000\n",
+             [relay]\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 1000\nshutdown_timeout_ms = 5000\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
             url = s.url(),
             n = self.name,
             t = self.table,
