@@ -27,7 +27,7 @@ impl Lsn {
 /// Why a string is not an LSN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "invalid LSN {input:?}: expected two hexadecimal numbers separated by '/', like \"0/16B3748\""
+    "invalid LSN {input:?}: expected the form X/X, two hexadecimal numbers of up to 8 digits as pg_current_wal_lsn() prints them, like \"0/16B3748\""
 )]
 pub struct ParseLsnError {
     pub input: String,
@@ -99,10 +99,7 @@ mod tests {
         ] {
             let err = bad.parse::<Lsn>().unwrap_err();
             assert_eq!(err.input, bad);
-            assert!(
-                err.to_string().contains("expected two hexadecimal"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("expected the form X/X"), "{err}");
         }
     }
 

@@ -54,7 +54,7 @@ pub enum SetupError {
         database: String,
         expected_db: String,
     },
-    #[error("replication slot {name:?} is lost (wal_status = lost): PostgreSQL removed WAL it still needed, so events committed while it was behind may be missing from Kafka; check the outbox table for rows not in Kafka, then drop and recreate the slot")]
+    #[error("replication slot {name:?} is lost (wal_status = lost): {}", lost_slot_advice(.name))]
     SlotLost { name: String },
     /// `max_replication_slots` or `max_wal_senders` leaves nothing for the relay.
     #[error("{}", capacity_message(.setting, *.max, *.in_use))]
@@ -104,6 +104,15 @@ pub enum SetupError {
     NoCreateState { schema: String },
     #[error("role {role_sql} may not use the relay's state tables in schema {schema:?}; as their owner run GRANT USAGE ON SCHEMA {} TO {role_sql}; GRANT SELECT, INSERT, UPDATE ON {0}.checkpoint, {0}.replay_request TO {role_sql}; GRANT USAGE ON SEQUENCE {0}.replay_request_id_seq TO {role_sql}; or set [checkpoint] schema to a schema of this role", quote_ident(.schema))]
     NoStatePrivileges { schema: String, role_sql: String },
+}
+
+/// What a lost (invalidated) slot means and how to recover; also said when the
+/// server reports the invalidation on the replication connection.
+pub fn lost_slot_advice(slot: &str) -> String {
+    format!(
+        "PostgreSQL removed WAL the slot still needed (max_slot_wal_keep_size), so events committed while it was behind may be missing from Kafka; check the outbox table for rows not in Kafka, then run SELECT pg_drop_replication_slot({}); and `outbox-relay init` to create a new slot, and raise max_slot_wal_keep_size",
+        quote_literal(slot)
+    )
 }
 
 fn schema_of(t: &TableName) -> &str {

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on this machine:
 # installs what is missing (deploy/dev/install-deps.sh), then formatting, clippy,
+# the dependency policy (deny.toml: licenses, bans, sources; no network needed),
 # and `cargo test`, whose integration tests start their own PostgreSQL and tansu.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export TANSU_BIN="$(deploy/dev/install-deps.sh | tail -n 1)"
+tools="$(deploy/dev/install-deps.sh)"
+export TANSU_BIN="$(tail -n 1 <<<"$tools")"
+cargo_deny="$(tail -n 2 <<<"$tools" | head -n 1)"
 cargo fmt --all -- --check
+"$cargo_deny" --locked check licenses bans sources
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets

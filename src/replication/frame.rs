@@ -165,6 +165,14 @@ pub fn error_response(body: &[u8]) -> ReplicationError {
         }
         rest = tail.get(end + 1..).unwrap_or(&[]);
     }
+    // An invalidated slot (55000, "... has been invalidated because it exceeded
+    // the maximum reserved size"): say that events may be missing and what to do.
+    let invalidated = |s: &str| s.contains("invalidated");
+    if code == "55000" && (invalidated(&message) || detail.as_deref().is_some_and(invalidated)) {
+        if let Some(slot) = message.split('"').nth(1) {
+            hint = Some(crate::setup::lost_slot_advice(slot));
+        }
+    }
     ReplicationError::Server {
         severity,
         code,
@@ -250,6 +258,24 @@ mod tests {
         for bad in [&b""[..], b"w123", b"k1", b"x"] {
             assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err());
         }
+    }
+
+    #[test]
+    fn an_invalidated_slot_says_events_may_be_missing_and_how_to_recover() {
+        let body = b"SERROR\0VERROR\0C55000\0Mcan no longer get changes from replication slot \"s1\"\0DThis slot has been invalidated because it exceeded the maximum reserved size.\0\0";
+        let err = error_response(body);
+        assert!(err.is_permanent());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("may be missing from Kafka")
+                && msg.contains("pg_drop_replication_slot('s1')")
+                && msg.contains("outbox-relay init"),
+            "{msg}"
+        );
+        // Other 55000 errors keep their own text.
+        let other =
+            error_response(b"SERROR\0C55000\0Mlogical decoding requires wal_level >= logical\0\0");
+        assert!(!other.to_string().contains("hint"), "{other}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Bad input through the real binary, one table: each case is a config (and a
 //! server state) the relay must refuse with one line on stderr that names the
-//! problem and the fix, the documented exit code, and no password.
-//!
-//! Not covered: an invalid LSN, since no configuration key or option takes one.
+//! problem and the fix, the documented exit code, and no password. Options
+//! clap rejects (an unparsable LSN) print clap's one `error: ` line instead of
+//! an `outbox-relay: ` line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,8 +12,8 @@ use crate::harness::*;
 
 struct Case {
     name: &'static str,
-    /// `check-config`, `run` or `status`.
-    command: &'static str,
+    /// `check-config`, `run`, `status` or `replay`, then its options (before `--config`).
+    command: &'static [&'static str],
     config: String,
     code: i32,
     /// What went wrong, as the error line says it.
@@ -27,7 +27,8 @@ fn spawn(dir: &Path, case: &Case) -> (Child, PathBuf) {
     std::fs::write(&config, &case.config).unwrap();
     let log = dir.join(format!("{}.log", case.name));
     let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args([case.command, "--config", config.to_str().unwrap()])
+        .args(case.command)
+        .args(["--config", config.to_str().unwrap()])
         .env_remove("OUTBOX_RELAY_POSTGRES_URL")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -61,7 +62,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
     let mut cases = vec![
         Case {
             name: "wrong_type",
-            command: "check-config",
+            command: &["check-config"],
             config: format!("{minimal}status_interval_ms = \"fast\"\n"),
             code: 2,
             problem: "invalid type: string \"fast\"".into(),
@@ -69,7 +70,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         },
         Case {
             name: "unknown_key",
-            command: "check-config",
+            command: &["check-config"],
             config: format!("{minimal}slott = \"x\"\n"),
             code: 2,
             problem: "unknown field `slott`".into(),
@@ -78,7 +79,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         Case {
             name: "unreachable_host",
             // `run` retries an unreachable server for ever; `status` reports it.
-            command: "status",
+            command: &["status"],
             config: with_url(&format!(
                 "postgresql://postgres:{PASSWORD}@127.0.0.1:{closed_port}/postgres"
             )),
@@ -88,7 +89,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         },
         Case {
             name: "wrong_password",
-            command: "run",
+            command: &["run"],
             config: with_url(&s.url_for("postgres", "wrong-pw-5")),
             code: 2,
             problem: "password authentication failed for user \"postgres\"".into(),
@@ -96,7 +97,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         },
         Case {
             name: "missing_table",
-            command: "run",
+            command: &["run"],
             config: base.replace(&format!("public.{}", tc.table), "public.no_such_outbox"),
             code: 2,
             problem: "table \"public.no_such_outbox\" does not exist".into(),
@@ -104,7 +105,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         },
         Case {
             name: "missing_publication",
-            command: "run",
+            command: &["run"],
             config: base.replace(
                 "status_interval_ms = 200\n",
                 "status_interval_ms = 200\ncreate_missing = false\n",
@@ -117,11 +118,36 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         },
         Case {
             name: "role_without_replication",
-            command: "run",
+            command: &["run"],
             config: with_url(&s.url_for("bad_input_norepl", "norepl-pw-7")),
             code: 2,
             problem: "role \"bad_input_norepl\" lacks the REPLICATION attribute".into(),
             fix: "run ALTER ROLE bad_input_norepl REPLICATION;",
+        },
+        Case {
+            name: "start_lsn_not_an_lsn",
+            command: &["run", "--start-lsn", "nonsense"],
+            config: base.clone(),
+            code: 2,
+            problem: "invalid value 'nonsense' for '--start-lsn <LSN>': invalid LSN \"nonsense\""
+                .into(),
+            fix: "expected the form X/X",
+        },
+        Case {
+            name: "from_lsn_three_parts",
+            command: &["replay", "--from-lsn", "1/2/3"],
+            config: base.clone(),
+            code: 2,
+            problem: "invalid value '1/2/3' for '--from-lsn <LSN>': invalid LSN \"1/2/3\"".into(),
+            fix: "expected the form X/X",
+        },
+        Case {
+            name: "to_lsn_too_wide",
+            command: &["replay", "--from-lsn", "0/0", "--to-lsn", "0/123456789"],
+            config: base.clone(),
+            code: 2,
+            problem: "invalid value '0/123456789' for '--to-lsn <LSN>'".into(),
+            fix: "expected the form X/X",
         },
     ];
     let replica = replica.await.unwrap();
@@ -133,7 +159,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         .unwrap();
     cases.push(Case {
         name: "wal_level_replica",
-        command: "run",
+        command: &["run"],
         config: with_url(&replica.url()),
         code: 2,
         problem: "wal_level is \"replica\", logical replication needs \"logical\"".into(),
@@ -159,7 +185,7 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
         let stderr = std::fs::read_to_string(log).unwrap();
         let errors: Vec<&str> = stderr
             .lines()
-            .filter(|l| l.starts_with("outbox-relay: "))
+            .filter(|l| l.starts_with("outbox-relay: ") || l.starts_with("error: "))
             .collect();
         let line = errors.first().copied().unwrap_or_default();
         let code = status.and_then(|s| s.code());

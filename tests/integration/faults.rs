@@ -1,12 +1,13 @@
 //! Faults on the PostgreSQL side: the server restarted (fast and immediate),
 //! the walsender killed in the middle of a large transaction, the relay killed
-//! with SIGKILL again and again, and the slot dropped under a running relay.
-//! Every committed row reaches Kafka at least once; duplicates are counted.
+//! with SIGKILL again and again, and the slot dropped or invalidated
+//! (`max_slot_wal_keep_size`) under a running relay. Every committed row
+//! reaches Kafka at least once; duplicates are counted.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use outbox_relay::config::Config;
 use outbox_relay::lsn::Lsn;
@@ -15,6 +16,18 @@ use outbox_relay::relay::RelayError;
 use outbox_relay::setup::SetupError;
 
 use crate::harness::*;
+
+/// Whether a walsender that started at or after `since` streams from `slot`.
+async fn streaming_since(db: &tokio_postgres::Client, slot: &str, since: SystemTime) -> bool {
+    db.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots r JOIN pg_stat_activity a ON a.pid = r.active_pid
+             WHERE r.slot_name = $1 AND a.backend_start >= $2)",
+            &[&slot, &since],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
 
 /// Every row in the table is in `got`; returns the number of duplicates.
 fn assert_all_delivered(committed: &HashSet<i64>, got: &[Consumed]) -> usize {
@@ -59,6 +72,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
 
     let mut next = 0i64;
     let started = Instant::now();
+    let mut max_recovery = Duration::ZERO;
     for mode in ["fast", "immediate"] {
         let db = pg.sql().await;
         for _ in 0..10 {
@@ -78,11 +92,13 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
         pg.stop(mode);
         tokio::time::sleep(Duration::from_millis(500)).await;
         pg.start_again();
+        let restarted = Instant::now();
         // The relay reconnects on its own with backoff.
         eventually(60, "relay streaming again", || async {
             relay.metrics.is_active()
         })
         .await;
+        max_recovery = max_recovery.max(restarted.elapsed());
     }
     let db = pg.sql().await;
     let end = insert_rows(&db, "outbox", "evt", next, 10).await;
@@ -98,11 +114,12 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     });
     let duplicates = assert_all_delivered(&committed, &got);
     eprintln!(
-        "pg restarts: {} rows committed, {} records, {duplicates} duplicates, {} reconnects, {:?}",
+        "FAULT pg_restarts: written={} delivered={} duplicates={duplicates} restarts=2 reconnects={} max_recovery_ms={} total_ms={}",
         committed.len(),
         got.len(),
         relay.metrics.reconnects.get(),
-        started.elapsed()
+        max_recovery.as_millis(),
+        started.elapsed().as_millis()
     );
     assert!(relay.metrics.reconnects.get() >= 2);
     relay.stop().await.unwrap();
@@ -140,24 +157,19 @@ async fn walsender_killed_mid_large_transaction_delivers_it_whole() {
         tc.confirmed().await >= end
     })
     .await;
+    let recovery = t0.elapsed();
     let committed: HashSet<i64> = (0..2000).collect();
-    eprintln!(
-        "walsender cut: confirmed after {:?}; received {} produced {} acked {} failed {}",
-        t0.elapsed(),
-        Metrics::total(&relay.metrics.events_received),
-        Metrics::total(&relay.metrics.events_produced),
-        Metrics::total(&relay.metrics.events_acked),
-        Metrics::total(&relay.metrics.events_failed),
-    );
     let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
         seqs(g).into_iter().collect::<HashSet<_>>().len() >= 2000
     });
     let duplicates = assert_all_delivered(&committed, &got);
     eprintln!(
-        "walsender cut: read after {:?}: 2000-row transaction, cut after {received_at_cut} received, {} records, {duplicates} duplicates, {} reconnects",
-        t0.elapsed(),
+        "FAULT walsender_cut: written=2000 delivered={} duplicates={duplicates} cut_after_received={received_at_cut} acked={} failed={} reconnects={} recovery_ms={}",
         got.len(),
-        relay.metrics.reconnects.get()
+        Metrics::total(&relay.metrics.events_acked),
+        Metrics::total(&relay.metrics.events_failed),
+        relay.metrics.reconnects.get(),
+        recovery.as_millis()
     );
     assert!(
         duplicates <= 2000,
@@ -184,7 +196,9 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     ))
     .await
     .unwrap();
+    let dropped = Instant::now();
     let err = relay.join().await.unwrap_err();
+    let fatal_after = dropped.elapsed();
     assert!(
         matches!(&err, RelayError::Setup(e) if matches!(**e, SetupError::SlotMissing { .. })),
         "{err:?}"
@@ -216,6 +230,145 @@ async fn a_slot_dropped_under_a_running_relay_is_fatal_and_never_recreated() {
     let relay = start_relay(Config::from_toml(&text, Path::new("t"), |_| None).unwrap()).await;
     assert!(tc.slot_exists(false).await);
     relay.stop().await.unwrap();
+    eprintln!(
+        "FAULT slot_dropped: fatal_after_ms={} recreated_only_with_opt_in=true",
+        fatal_after.as_millis()
+    );
+}
+
+/// The slot's `wal_status` on `db`, `None` if the slot does not exist.
+async fn wal_status(db: &tokio_postgres::Client, slot: &str) -> Option<Option<String>> {
+    db.query_opt(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated() {
+    use rdkafka::mocking::MockCluster;
+    // A server that keeps no WAL for a slot beyond the current segment: the
+    // first checkpoint after a segment switch invalidates a slot left behind.
+    let pg = PgCluster::start_with(ClusterOptions {
+        settings: vec![
+            "max_slot_wal_keep_size=1MB".into(),
+            "wal_keep_size=0".into(),
+            "min_wal_size=32MB".into(),
+            "max_wal_size=64MB".into(),
+        ],
+        ..Default::default()
+    });
+    let tc = TestCase {
+        name: "lostslot".into(),
+        table: "outbox".into(),
+    };
+    let db = pg.sql().await;
+    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
+        .await
+        .unwrap();
+    db.batch_execute("CREATE TABLE scratch (pad text)")
+        .await
+        .unwrap();
+    // Kafka that can go away: the slot then stays where the last acknowledged record was.
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    let text = tc
+        .config_text(
+            &mock.bootstrap_servers(),
+            "[kafka.properties]\n\"message.timeout.ms\" = 300000\n",
+        )
+        .replace("create_topics = true", "create_topics = false")
+        .replace(&servers().url(), &pg.url());
+    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    let relay = start_relay(cfg.clone()).await;
+    let confirmed = || async {
+        db.query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'lostslot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse::<Lsn>()
+        .unwrap()
+    };
+    let first = insert_rows(&db, "outbox", "evt", 0, 5).await;
+    eventually(30, "first rows confirmed", || async {
+        confirmed().await >= first
+    })
+    .await;
+
+    mock.broker_down(1).unwrap();
+    let held = insert_rows(&db, "outbox", "evt", 5, 5).await;
+    // WAL moves on while the slot waits for Kafka; checkpoints remove what it still needs.
+    let started = Instant::now();
+    let mut switches = 0;
+    while wal_status(&db, &tc.name).await != Some(Some("lost".into())) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "slot not invalidated after {switches} WAL switches: {:?}",
+            wal_status(&db, &tc.name).await
+        );
+        db.batch_execute(
+            "INSERT INTO scratch SELECT repeat('x', 100) FROM generate_series(1, 1000);
+             SELECT pg_switch_wal();
+             CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        switches += 1;
+    }
+    let lost_after = started.elapsed();
+    assert!(
+        confirmed().await < held,
+        "the unacknowledged rows were never confirmed"
+    );
+
+    // The relay notices (its walsender was terminated, it reconnects and finds
+    // the slot lost) and stops for good instead of retrying.
+    let err = relay.join().await.unwrap_err();
+    let stopped_after = started.elapsed();
+    assert!(err.is_fatal(), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("may be missing from Kafka")
+            && msg.contains("pg_drop_replication_slot('lostslot')")
+            && msg.contains("outbox-relay init"),
+        "the error must say events may be missing and how to recover: {msg}"
+    );
+    assert_eq!(
+        wal_status(&db, &tc.name).await,
+        Some(Some("lost".into())),
+        "the lost slot is left as it is, not dropped or recreated"
+    );
+
+    // Starting the binary again refuses as well (exit 2, one line), even with
+    // recreate_missing_slot: the slot is not missing, and a new one would skip
+    // the lost events silently.
+    let config =
+        config_file(&text.replace("[postgres]\n", "[postgres]\nrecreate_missing_slot = true\n"));
+    let out = relay_cli(&["run"], config.path()).await;
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("outbox-relay: "))
+        .collect();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("replication slot \"lostslot\" is lost (wal_status = lost)")
+            && errors[0].contains("may be missing from Kafka"),
+        "{out}"
+    );
+    assert_eq!(wal_status(&db, &tc.name).await, Some(Some("lost".into())));
+    eprintln!(
+        "FAULT slot_invalidated: written=10 acked_before_outage=5 wal_switches={switches} lost_after_ms={} fatal_after_ms={}",
+        lost_after.as_millis(),
+        stopped_after.as_millis()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,26 +387,50 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    // Deterministic pseudo-random kill points.
+    // Deterministic pseudo-random kill points. Recovery: from a restart until
+    // the new instance streams, if that happens before the next kill.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut kills = 0;
+    let mut recoveries = Vec::new();
+    let mut respawned = None;
+    let probe = s.sql().await;
     while !writer.is_finished() && kills < 12 {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        tokio::time::sleep(Duration::from_millis(150 + state % 500)).await;
+        let kill_at = Instant::now() + Duration::from_millis(150 + state % 500);
+        if let Some(at) = respawned.take() {
+            while Instant::now() < kill_at {
+                if streaming_since(&probe, &tc.name, at).await {
+                    recoveries.push(at.elapsed().unwrap());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep_until(kill_at.into()).await;
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
+        respawned = Some(SystemTime::now());
         child = spawn_relay_binary(&config, &log);
+    }
+    if let Some(at) = respawned {
+        eventually(60, "the last instance streams", || {
+            streaming_since(&probe, &tc.name, at)
+        })
+        .await;
+        recoveries.push(at.elapsed().unwrap());
     }
     writer.await.unwrap();
     let db = s.sql().await;
     let end = wal_insert_lsn(&db).await;
+    let written_at = Instant::now();
     eventually(90, "last instance confirms everything", || async {
         tc.confirmed().await >= end
     })
     .await;
+    let catch_up = written_at.elapsed();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -280,7 +457,10 @@ async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
         );
     }
     eprintln!(
-        "sigkill: {kills} kills, {TOTAL} rows, {} records, {duplicates} duplicates",
-        got.len()
+        "FAULT sigkill: written={TOTAL} delivered={} duplicates={duplicates} kills={kills} recovered_before_next_kill={} max_recovery_ms={} catch_up_ms={}",
+        got.len(),
+        recoveries.len(),
+        recoveries.iter().max().unwrap_or(&Duration::ZERO).as_millis(),
+        catch_up.as_millis()
     );
 }

@@ -97,10 +97,10 @@ async fn standby_takes_over_after_the_active_instance_is_killed() {
     let missing: Vec<i64> = (0..TOTAL).filter(|i| !distinct.contains(i)).collect();
     assert!(missing.is_empty(), "rows lost in the failover: {missing:?}");
     eprintln!(
-        "ha: {TOTAL} rows, {} records, {} duplicates, takeover {:?} after SIGKILL (standby_retry_ms = 200)",
+        "FAULT ha_takeover: written={TOTAL} delivered={} duplicates={} takeover_ms={} (standby_retry_ms = 200)",
         all.len(),
         all.len() - distinct.len(),
-        takeover
+        takeover.as_millis()
     );
     assert!(
         takeover < Duration::from_secs(10),

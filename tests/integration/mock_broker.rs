@@ -47,6 +47,7 @@ async fn slot_never_passes_unacknowledged_records_while_the_broker_is_down() {
     .await;
 
     mock.broker_down(1).unwrap();
+    let down = std::time::Instant::now();
     let second_end = insert_tx(&tc, 20, 20).await;
     let third_end = insert_tx(&tc, 40, 20).await;
     // For several status intervals the slot must stay before the unacknowledged transactions.
@@ -64,15 +65,23 @@ async fn slot_never_passes_unacknowledged_records_while_the_broker_is_down() {
         "replication stays connected during the outage"
     );
 
+    let outage = down.elapsed();
     mock.broker_up(1).unwrap();
+    let up = std::time::Instant::now();
     eventually(60, "all transactions confirmed after recovery", || async {
         tc.confirmed().await >= third_end
     })
     .await;
+    let recovery = up.elapsed();
     let got = consume_all(&brokers, &[tc.topic("evt")], 60);
     let by_key = seqs_by_key(&got);
     let total: usize = by_key.values().map(|v| v.len()).sum();
     assert_eq!(total, 60, "every row exactly once: {by_key:?}");
+    eprintln!(
+        "FAULT broker_down: written=60 delivered={total} duplicates=0 outage_ms={} recovery_ms={}",
+        outage.as_millis(),
+        recovery.as_millis()
+    );
     for (k, seqs) in by_key {
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),
@@ -107,6 +116,7 @@ async fn retriable_produce_errors_are_retried_without_reordering_a_key() {
         ],
     );
     let mut last = Lsn::ZERO;
+    let started = std::time::Instant::now();
     for i in 0..10 {
         last = insert_tx(&tc, 5 + i * 10, 10).await;
     }
@@ -114,6 +124,7 @@ async fn retriable_produce_errors_are_retried_without_reordering_a_key() {
         tc.confirmed().await >= last
     })
     .await;
+    let confirmed_after = started.elapsed();
     let got = consume_all(&brokers, &[tc.topic("evt")], 105);
     let by_key = seqs_by_key(&got);
     for (k, seqs) in &by_key {
@@ -124,6 +135,11 @@ async fn retriable_produce_errors_are_retried_without_reordering_a_key() {
     }
     assert_eq!(by_key.values().map(|v| v.len()).sum::<usize>(), 105);
     assert_eq!(Metrics::total(&relay.metrics.events_failed), 0);
+    eprintln!(
+        "FAULT produce_errors: written=105 delivered={} duplicates=0 injected_errors=5 confirmed_after_ms={}",
+        got.len(),
+        confirmed_after.as_millis()
+    );
     relay.stop().await.unwrap();
 }
 
@@ -146,7 +162,9 @@ async fn a_record_the_broker_refuses_stops_the_relay_or_is_dead_lettered() {
         &[RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
     let refused_end = insert_tx(&tc, 3, 1).await;
+    let refused_at = std::time::Instant::now();
     let err = relay.join().await.unwrap_err();
+    let stopped_after = refused_at.elapsed();
     assert!(err.is_fatal());
     let msg = err.to_string();
     assert!(
@@ -206,6 +224,12 @@ async fn a_record_the_broker_refuses_stops_the_relay_or_is_dead_lettered() {
         Metrics::total(&relay.metrics.events_dead_lettered),
         dead.len() as u64
     );
+    eprintln!(
+        "FAULT broker_refuses: stop_after_ms={} then written=10 delivered={} dead_lettered={}",
+        stopped_after.as_millis(),
+        good.len(),
+        dead.len()
+    );
     relay.stop().await.unwrap();
 }
 
@@ -229,7 +253,8 @@ async fn a_slow_broker_bounds_records_in_flight_keeps_the_walsender_and_drains()
         end = insert_rows(&db, &tc.table, "evt", i * 500, 500).await;
     }
     let mut max_in_flight = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let drain_started = std::time::Instant::now();
+    let deadline = drain_started + Duration::from_secs(120);
     while tc.confirmed().await < end {
         assert!(
             std::time::Instant::now() < deadline,
@@ -248,7 +273,8 @@ async fn a_slow_broker_bounds_records_in_flight_keeps_the_walsender_and_drains()
     assert!(max_in_flight > 0);
     assert_eq!(Metrics::total(&relay.metrics.events_acked), 10_000);
     eprintln!(
-        "slow broker: 10000 rows drained, at most {max_in_flight} records in flight, 0 reconnects"
+        "FAULT slow_broker: written=10000 acked=10000 max_in_flight={max_in_flight} reconnects=0 drain_ms={}",
+        drain_started.elapsed().as_millis()
     );
     relay.stop().await.unwrap();
 }

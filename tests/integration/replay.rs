@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_relay::config::Config;
 use outbox_relay::lsn::Lsn;
@@ -401,6 +401,7 @@ async fn checkpoint_survives_sigkill_and_never_leads_kafka() {
     );
 
     // After a restart every row arrives; what the checkpoint covered arrives once.
+    let restarted = Instant::now();
     let mut child = spawn_relay_binary(&cfg, &log);
     writer.await.unwrap();
     let topic = tc.topic("order");
@@ -411,6 +412,7 @@ async fn checkpoint_survives_sigkill_and_never_leads_kafka() {
             std::fs::read_to_string(&log).unwrap_or_default()
         );
     };
+    let delivered_after = restarted.elapsed();
     terminate(&mut child);
     let all = seqs(&got);
     assert_eq!(
@@ -429,6 +431,14 @@ async fn checkpoint_survives_sigkill_and_never_leads_kafka() {
         );
     }
     assert!(checkpoint(&tc).await.unwrap() >= at_kill);
+    let distinct = all.iter().collect::<std::collections::HashSet<_>>().len();
+    eprintln!(
+        "FAULT checkpoint_sigkill: written=1500 delivered={} duplicates={} covered_by_checkpoint={} resent_covered=0 all_delivered_after_restart_ms={}",
+        all.len(),
+        all.len() - distinct,
+        covered.len(),
+        delivered_after.as_millis()
+    );
 }
 
 /// Lines a child writes to stdout, on a channel.
