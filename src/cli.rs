@@ -305,13 +305,9 @@ pub(crate) fn runtime(
 fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
-        RelayError::Replication(crate::replication::ReplicationError::Auth { .. }) => 2,
+        // Credentials, privileges, TLS, a missing or invalidated slot: the user acts.
+        RelayError::Replication(r) if r.is_permanent() => 2,
         RelayError::StartBehindSlot { .. } | RelayError::CheckpointAhead { .. } => 2,
-        RelayError::Replication(crate::replication::ReplicationError::Connect(c))
-            if c.is_permanent() =>
-        {
-            2
-        }
         _ => 1,
     }
 }

@@ -93,6 +93,8 @@ struct Stream {
     replay_header: Bytes,
     /// The relay's tables (None for a temporary slot or an unconfirming stdout sink).
     store: Option<StateStore>,
+    /// Records refused for good: never acknowledged, so draining does not wait for them.
+    refused: usize,
 }
 
 impl Session<'_> {
@@ -178,6 +180,7 @@ impl Session<'_> {
             acked_since_publish: false,
             replay_header,
             store,
+            refused: 0,
         };
         let mut ticker =
             tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
@@ -460,7 +463,7 @@ impl Session<'_> {
     ) {
         let deadline = tokio::time::Instant::now() + limit;
         let started = Instant::now();
-        while s.tracker.in_flight() > 0 {
+        while s.tracker.in_flight() > s.refused {
             match tokio::time::timeout_at(deadline, reports.recv()).await {
                 Ok(Some(report)) => {
                     if let Err(e) = self.on_report(s, producer, report) {
@@ -562,7 +565,10 @@ impl Session<'_> {
                 original: Some(original),
                 error,
                 ..
-            }) => Err(refused(&original, error)),
+            }) => {
+                s.refused += 1;
+                Err(refused(&original, error))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -702,6 +708,7 @@ impl Session<'_> {
                 )
             }
             Err(SendError::Rejected { error, .. }) if is_permanent(&error) => {
+                s.refused += 1;
                 Err(refused(&record, error))
             }
             Err(e) => Err(RelayError::Send(e)),
