@@ -337,6 +337,15 @@ impl Producer {
         }
     }
 
+    /// librdkafka's fatal error, after which this producer can send nothing
+    /// more (for example an idempotence violation it cannot recover from).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
+    }
+
     /// Records enqueued or in flight inside librdkafka.
     pub fn queued(&self) -> i32 {
         self.inner.in_flight_count()

@@ -247,6 +247,17 @@ pub async fn run_with(
         }
         metrics.reconnects.inc();
         failures = if session.streamed { 1 } else { failures + 1 };
+        // A record that could not be delivered for message.timeout.ms, or a
+        // fatal librdkafka error, may mean the producer itself is stuck (an
+        // idempotent producer whose id the broker no longer knows retries for
+        // ever): the next session gets a new one. Records of the old one were
+        // not confirmed; the new session sends them again from the slot.
+        if let Some(why) = sink.fatal_error().or_else(|| {
+            matches!(err, RelayError::Delivery(_)).then(|| "a delivery failed".to_string())
+        }) {
+            tracing::warn!(reason = %why, "recreating the Kafka producer");
+            (sink, reports) = Sink::new(&cfg, metrics.clone())?;
+        }
         let delay = match &err {
             RelayError::Replication(r) if r.is_slot_in_use() => {
                 metrics.set_health(Health::Standby);

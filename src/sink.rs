@@ -53,6 +53,14 @@ impl Sink {
         }
     }
 
+    /// Why the sink cannot be used any more, if so (see [`Producer::fatal_error`]).
+    pub fn fatal_error(&self) -> Option<String> {
+        match self {
+            Sink::Kafka(p) => p.fatal_error(),
+            Sink::Stdout(_) => None,
+        }
+    }
+
     /// Records enqueued and not yet reported.
     pub fn queued(&self) -> i32 {
         match self {

@@ -153,6 +153,71 @@ fn wait_port(port: u16, what: &str, log: &Path) {
     }
 }
 
+/// Starts tansu (in-memory storage) on `port` under a watchdog.
+fn start_tansu(port: u16) -> (Child, ChildStdin) {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("outbox-relay-tansu-{port}.log"));
+    let tansu = supervise(
+        &tansu_bin(),
+        &[
+            "broker".into(),
+            "--listener-url".into(),
+            url.clone(),
+            "--advertised-listener-url".into(),
+            url,
+            "--storage-engine".into(),
+            "memory://tansu/".into(),
+        ],
+        "TERM",
+        &format!("rm -f '{}'", log.display()),
+        None,
+        &log,
+    );
+    wait_port(port, "tansu", &log);
+    tansu
+}
+
+/// A tansu broker of its own, for tests that stop and restart the broker.
+/// Its storage is in memory: a restart loses every topic and record.
+pub struct Tansu {
+    pub port: u16,
+    watchdog: Option<(Child, ChildStdin)>,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let port = free_port();
+        Tansu {
+            port,
+            watchdog: Some(start_tansu(port)),
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGTERM) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some((mut child, stdin)) = self.watchdog.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&mut self) {
+        self.stop();
+        self.watchdog = Some(start_tansu(self.port));
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A fresh cluster directory: (dir, data dir, server binaries, postgres uid/gid when root).
 fn init_cluster() -> (PathBuf, PathBuf, PathBuf, Option<(u32, u32)>) {
     let ids = postgres_ids();
@@ -249,26 +314,7 @@ fn start_servers() -> Servers {
     wait_port(pg_port, "PostgreSQL", &pg_log);
 
     let kafka_port = free_port();
-    let url = format!("tcp://127.0.0.1:{kafka_port}");
-    let tansu_log = std::env::temp_dir().join(format!("outbox-relay-tansu-{kafka_port}.log"));
-    let tansu = supervise(
-        &tansu_bin(),
-        &[
-            "broker".into(),
-            "--listener-url".into(),
-            url.clone(),
-            "--advertised-listener-url".into(),
-            url,
-            "--storage-engine".into(),
-            "memory://tansu/".into(),
-        ],
-        "TERM",
-        &format!("rm -f '{}'", tansu_log.display()),
-        None,
-        &tansu_log,
-    );
-    wait_port(kafka_port, "tansu", &tansu_log);
-
+    let tansu = start_tansu(kafka_port);
     let s = Servers {
         pg_port,
         pg_socket_dir: dir,
