@@ -838,7 +838,7 @@ def run_live(ctx) -> list[dict]:
     duration = ctx.args.live_seconds
     results = []
     pad = secrets.token_hex(100)[:165]  # the payload renders to ~200 bytes
-    for rate in LIVE_RATES:
+    for rate in ctx.args.live_rates:
         atype = f"live{rate}_{ctx.run_id}"
         topic = f"outbox.event.{atype}"
         log(f"live: {rate:,} single-row transactions/s for {duration} s (pgbench -R)")
@@ -901,6 +901,10 @@ def run_live(ctx) -> list[dict]:
         }
         if cons["records"] != rows:
             log(f"warning: the consumer saw {cons['records']} records, the table has {rows}")
+        by_minute = [m["p99"] for m in cons.get("consumer_ms_by_minute", []) if m]
+        if len(by_minute) > 1:
+            log("live {:,}/s: consumer p99 by minute (ms): {}".format(
+                rate, ", ".join(f"{p:.1f}" for p in by_minute)))
         c = cons["consumer_ms"] or {}
         log(f"live {rate:,}/s: achieved {rows / duration:,.0f}/s; consumer p50 {c.get('p50', 0):.1f} "
             f"p99 {c.get('p99', 0):.1f} p99.9 {c.get('p99_9', 0):.1f} max {c.get('max', 0):.1f} ms; "
@@ -1059,6 +1063,14 @@ def markdown(res: dict) -> str:
                 f"| {fmt(c.get('p99'), '.1f')} | {fmt(c.get('p99_9'), '.1f')} | {fmt(c.get('max'), '.1f')} "
                 f"| {hq('p50')} | {hq('p99')} | {hq('p99_9')} "
                 f"| {fmt(b.get('p99'), '.0f')} | {lv['relay_cores']:.2f} | {lv['other_load_cores']:.2f} |")
+        for lv in res["live"]:
+            minutes = [m for m in lv["consumer"].get("consumer_ms_by_minute", []) if m]
+            if len(minutes) > 1:
+                lines.append("")
+                lines.append(
+                    f"{lv['target_rate']:,}/s, consumer p50 / p99 / max per minute (ms): "
+                    + "; ".join(f"{m['p50']:.1f} / {m['p99']:.1f} / {m['max']:.1f}" for m in minutes)
+                    + f"; relay peak RSS over the live run {fmt(lv.get('relay_peak_rss_mb_whole_live_run'), '.1f')} MB.")
     lines += ["", "| target | result | met |", "| --- | --- | --- |"]
     for row in res["targets"]:
         met = "not measured" if row["met"] is None else "yes" if row["met"] else "**no**"
@@ -1120,6 +1132,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, help="catch-up measurements per workload, best reported (default 3, quick 1)")
     ap.add_argument("--no-live", action="store_true", help="skip the live latency phase")
     ap.add_argument("--live-seconds", type=int, help="duration of each live rate (default 30, quick 10)")
+    ap.add_argument("--live-rates", type=lambda v: [int(x) for x in v.split(",")], default=LIVE_RATES,
+                    help="comma-separated commit rates of the live phase (default 1000,5000)")
     ap.add_argument("--fetch-wait-ms", type=int, default=1,
                     help="fetch.wait.max.ms of the latency consumer (default 1: tansu waits that long per fetch)")
     ap.add_argument("--profile", choices=["perf", "callgrind"],

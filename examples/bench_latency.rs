@@ -164,6 +164,8 @@ async fn main() {
     eprintln!("bench_latency: ready");
 
     let mut e2e = Vec::new();
+    // (receive time, latency) of every record, for the per-minute tails.
+    let mut timeline: Vec<(f64, f64)> = Vec::new();
     let mut broker = Vec::new();
     let mut timestamp_type = "none";
     let mut bad_payloads = 0usize;
@@ -183,6 +185,7 @@ async fn main() {
                 };
                 let committed = t * 1e3;
                 e2e.push(received - committed);
+                timeline.push((received, received - committed));
                 match m.timestamp() {
                     Timestamp::CreateTime(ms) => {
                         timestamp_type = "CreateTime";
@@ -203,7 +206,19 @@ async fn main() {
             }
         }
     }
+    // p50 / p99 / max per minute of receive time: does the tail grow over a long run?
+    let start = timeline.first().map_or(0.0, |t| t.0);
+    let mut minutes: Vec<Vec<f64>> = Vec::new();
+    for (at, lat) in &timeline {
+        let m = ((at - start) / 60_000.0) as usize;
+        if minutes.len() <= m {
+            minutes.resize(m + 1, Vec::new());
+        }
+        minutes[m].push(*lat);
+    }
+    let by_minute: Vec<serde_json::Value> = minutes.iter_mut().map(|v| summary(v)).collect();
     let line = serde_json::json!({
+        "consumer_ms_by_minute": by_minute,
         "records": e2e.len(),
         "bad_payloads": bad_payloads,
         "consumer_ms": summary(&mut e2e),
