@@ -384,7 +384,7 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 .into_iter()
                 .filter(|s| !(f.state.schema_exists && s.starts_with("CREATE SCHEMA")))
                 .collect();
-            Create(statements.join("; "))
+            Create(statements.join(";\n"))
         },
     ));
     items

@@ -104,7 +104,7 @@ fn fresh_database_creates_table_publication_and_slot_in_order() {
             "columns: ok",
             "publication p: create: CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert')",
             "slot s: create: SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
-            &format!("state tables outbox_relay: create: {}", crate::state::state_sql("outbox_relay").join("; ")),
+            &format!("state tables outbox_relay: create: {}", crate::state::state_sql("outbox_relay").join(";\n")),
         ]
     );
 }

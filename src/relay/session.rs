@@ -1,33 +1,36 @@
 //! One session: one replication connection from START_REPLICATION to its end.
 //!
-//! Reads the checkpoint and any replay request, streams, hands records to the
-//! sink, confirms what the ack tracker allows (held back by the replay window)
-//! and publishes the acknowledged position for the checkpoint writer.
+//! Starts streaming, decodes each event and classifies each transaction (live,
+//! replayed, skipped), and confirms what the ack tracker allows, held back by the
+//! replay window. The record path (sink, delivery reports, dead letters) is in
+//! `produce`; the checkpoint, replay requests and published progress in `positions`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
-use super::plan::{JobProgress, Plan, TxClass};
+use super::plan::{Plan, TxClass};
 use super::{wait_shutdown, Progress, RelayError, RunOptions, ShutdownRx, WindowKeeper};
 use crate::ack::{AckTracker, Seq};
 use crate::config::{Config, OnInvalid};
-use crate::kafka::{is_permanent, DeliveryError, DeliveryReport, SendError};
+use crate::kafka::DeliveryReport;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::{
-    dead_letter_from_record, lsn_header, DeadLetter, Mapping, MappingError, OutboxTable, Record,
-};
+use crate::outbox::{lsn_header, DeadLetter, Mapping, MappingError, OutboxTable, Record};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
 use crate::sink::Sink;
 use crate::state::{Outcome, StateStore};
+
+mod positions;
+mod produce;
+
 use crate::transport::PgTarget;
+use produce::TopicCounters;
 
 pub(super) struct Session<'a> {
     pub cfg: &'a Config,
@@ -50,12 +53,6 @@ pub(super) struct Session<'a> {
     /// The window position last confirmed, and since when it was acknowledged.
     pub window_start: Option<(Lsn, SystemTime)>,
     pub progress: &'a watch::Sender<Progress>,
-}
-
-/// `events_received_total` and `events_produced_total` of one topic.
-struct TopicCounters {
-    received: IntCounter,
-    produced: IntCounter,
 }
 
 /// Most events (or delivery reports) handled per wake-up before the loop looks
@@ -250,141 +247,6 @@ impl Session<'_> {
         result
     }
 
-    /// A replay that ends with its session is marked failed, so that it does not
-    /// hold up the next session: on an error (a refused record, an invalid
-    /// suffixed topic) it would fail again; when `replay` itself was stopped,
-    /// the user asked for it. A live relay's shutdown leaves it to the next
-    /// instance (it is started again, at most `state::MAX_ATTEMPTS` times).
-    async fn abandon_job(&self, s: &Stream, result: &Result<SessionEnd, RelayError>) {
-        let (Some(p), Some(store)) = (&s.plan.job, &s.store) else {
-            return;
-        };
-        let why = match result {
-            Err(e) => format!("stopped by an error: {e}"),
-            Ok(_) if self.opts.replay_request.is_some() => "interrupted before it was done".into(),
-            Ok(_) => return,
-        };
-        tracing::error!(request = p.job.id, "replay failed: {why}");
-        if let Err(e) = store.fail(p.job.id, &why).await {
-            tracing::warn!(request = p.job.id, error = %e, "cannot mark the replay request failed");
-        }
-    }
-
-    /// Reads the checkpoint: what to skip. Sets up the replay window on a first run.
-    async fn plan(
-        &mut self,
-        client: tokio_postgres::Client,
-        slot: &setup::SlotState,
-    ) -> Result<(Plan, Option<StateStore>), RelayError> {
-        let cfg = self.cfg;
-        let mut plan = Plan {
-            live: self.opts.replay_request.is_none(),
-            ..Plan::default()
-        };
-        if !self.confirms && self.opts.replay_request.is_none() {
-            return Ok((plan, None)); // stdout without confirming: everything from the slot
-        }
-        crate::state::ensure(&client, cfg).await?;
-        let store = StateStore::new(client, cfg);
-        if slot.created {
-            // A new slot is a new stream: what was stored under its name before
-            // describes another one.
-            store.reset().await?;
-        }
-        let checkpoint = store.load().await?;
-        if let Some(cp) = &checkpoint {
-            let current = setup::current_wal(store.client()).await?;
-            if cp.acked > current {
-                return Err(RelayError::CheckpointAhead {
-                    slot: cfg.postgres.slot.clone(),
-                    schema: cfg.checkpoint.schema.clone(),
-                    checkpoint: cp.acked,
-                    current,
-                });
-            }
-            self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
-        }
-        let stored = checkpoint.as_ref().map_or(Lsn::ZERO, |c| c.acked);
-        plan.skip_through = match self.opts.start_lsn {
-            // --start-lsn: everything after it, acknowledged before or not.
-            Some(start) if self.first => {
-                if start < slot.confirmed_flush {
-                    return Err(RelayError::StartBehindSlot {
-                        slot: cfg.postgres.slot.clone(),
-                        start,
-                        confirmed: slot.confirmed_flush,
-                    });
-                }
-                if start > stored {
-                    tracing::warn!(start = %start, checkpoint = %stored, "--start-lsn is past the checkpoint: events committed between them are not sent");
-                }
-                Lsn::ZERO
-            }
-            // After a reconnect, only what this process acknowledged since: the
-            // re-send asked for goes on where it was.
-            Some(_) => self.acked,
-            None => stored.max(self.acked),
-        };
-        if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {
-            let mut seed = Vec::new();
-            if let Some(cp) = &checkpoint {
-                seed.extend(cp.window_samples.iter().copied());
-                seed.push((cp.acked_at, cp.acked));
-                seed.extend(cp.window_start.map(|(l, t)| (t, l)));
-            }
-            *self.window = Some(WindowKeeper::new(w, &seed));
-        }
-        Ok((plan, Some(store)))
-    }
-
-    /// Takes the next replay request (or the one this process was started for)
-    /// into `plan`. False: the request this process was started for is gone.
-    async fn claim(
-        &self,
-        plan: &mut Plan,
-        store: &StateStore,
-        confirmed: Lsn,
-    ) -> Result<bool, RelayError> {
-        let only = self.opts.replay_request;
-        if !self.confirms && only.is_none() {
-            return Ok(true);
-        }
-        match store.claim(only).await? {
-            Some(job) if job.from < confirmed => {
-                let why = format!(
-                    "cannot replay from {}: the slot keeps WAL only from {confirmed} (the earliest replayable LSN); set [replay] window to keep more",
-                    job.from
-                );
-                tracing::error!(request = job.id, "{why}");
-                store.finish(job.id, &Outcome::Failed(why)).await?;
-                Ok(only.is_none())
-            }
-            Some(job) => {
-                plan.job = Some(JobProgress {
-                    job,
-                    transactions: 0,
-                    events: 0,
-                });
-                Ok(true)
-            }
-            None => Ok(only.is_none()),
-        }
-    }
-
-    /// `--start-lsn`: says where the server really started.
-    async fn report_start(&self, pg: &PgTarget, start: Lsn) {
-        let Ok(client) = setup::sql_connect(pg).await else {
-            return;
-        };
-        if let Ok(Some((slot, _, _))) = setup::slot_state(&client, &self.cfg.postgres.slot).await {
-            if slot.confirmed_flush > start {
-                tracing::warn!(requested = %start, actual = %slot.confirmed_flush, "the server moved the start forward to the slot's confirmed position");
-            } else {
-                tracing::info!(start = %start, "streaming from --start-lsn");
-            }
-        }
-    }
-
     /// Status update, window, checkpoint progress and the running replay.
     async fn on_tick(
         &mut self,
@@ -425,35 +287,6 @@ impl Session<'_> {
         Ok(None)
     }
 
-    /// Hands the acknowledged position to the checkpoint writer (only once
-    /// records were acknowledged: keepalives alone never cause a write).
-    fn publish(&mut self, s: &mut Stream) {
-        if !self.confirms {
-            return;
-        }
-        if s.acked_since_publish {
-            self.acked = self.acked.max(s.tracker.confirmed());
-            s.acked_since_publish = false;
-        }
-        let acked = self.acked;
-        let window_start = self.window_start;
-        let window = self.window.as_ref();
-        self.progress.send_if_modified(|p| {
-            if p.acked == acked && p.window_start == window_start {
-                return false;
-            }
-            *p = Progress {
-                acked,
-                window_start,
-                window_samples: window
-                    .map(|w| w.snapshot(super::WINDOW_SAMPLES_STORED))
-                    .unwrap_or_default(),
-                ready: true,
-            };
-            true
-        });
-    }
-
     async fn drain(
         &self,
         s: &mut Stream,
@@ -474,24 +307,6 @@ impl Session<'_> {
             }
         }
         tracing::debug!(waited = ?started.elapsed(), left = s.tracker.in_flight(), "drained deliveries");
-    }
-
-    /// `first` and whatever else already arrived, up to [`BATCH`].
-    fn on_reports(
-        &self,
-        s: &mut Stream,
-        producer: &Sink,
-        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
-        first: DeliveryReport,
-    ) -> Result<(), RelayError> {
-        self.on_report(s, producer, first)?;
-        for _ in 1..BATCH {
-            match reports.try_recv() {
-                Ok(report) => self.on_report(s, producer, report)?,
-                Err(_) => break,
-            }
-        }
-        Ok(())
     }
 
     /// `first` and the events already buffered behind it, up to [`BATCH`]
@@ -522,102 +337,6 @@ impl Session<'_> {
             }
         }
         Ok(())
-    }
-
-    fn on_report(
-        &self,
-        s: &mut Stream,
-        producer: &Sink,
-        report: DeliveryReport,
-    ) -> Result<(), RelayError> {
-        if report.seq < self.first_seq {
-            // A record of an earlier session: this session sends it again anyway.
-            return Ok(());
-        }
-        match report.result {
-            Ok(()) => {
-                let confirmed = s.tracker.ack(report.seq);
-                self.metrics.transactions_confirmed.inc_by(confirmed as u64);
-                s.acked_since_publish = true;
-                Ok(())
-            }
-            // The broker refused the record for good: dead-letter it under the same
-            // sequence number, so the position waits for the dead-letter record's ack.
-            Err(DeliveryError {
-                original: Some(original),
-                error,
-                ..
-            }) if self.dead_letter() => {
-                let why = DeadLetter {
-                    reason: "rejected",
-                    error: error.to_string(),
-                    original_topic: None,
-                };
-                self.send_dead_letter(
-                    s,
-                    producer,
-                    report.seq,
-                    dead_letter_from_record(&original, self.dlq(), why),
-                )
-            }
-            // Refused for good under the stop policy: stop, naming the event.
-            Err(DeliveryError {
-                original: Some(original),
-                error,
-                ..
-            }) => {
-                s.refused += 1;
-                Err(refused(&original, error))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn counters<'s>(&self, s: &'s mut Stream, topic: &str) -> &'s TopicCounters {
-        if !s.topic_counters.contains_key(topic) {
-            let m = self.metrics;
-            let c = TopicCounters {
-                received: m.events_received.with_label_values(&[topic]),
-                produced: m.events_produced.with_label_values(&[topic]),
-            };
-            s.topic_counters.insert(topic.to_string(), c);
-        }
-        &s.topic_counters[topic]
-    }
-
-    fn dead_letter(&self) -> bool {
-        self.cfg.outbox.on_invalid == OnInvalid::DeadLetter
-    }
-
-    fn dlq(&self) -> &str {
-        &self.cfg.outbox.dead_letter_topic
-    }
-
-    fn send_dead_letter(
-        &self,
-        s: &mut Stream,
-        producer: &Sink,
-        seq: Seq,
-        record: Record,
-    ) -> Result<(), RelayError> {
-        let text = |k: &str| {
-            record
-                .header(k)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        };
-        let reason = text("reason").unwrap_or_else(|| "unknown".into());
-        self.metrics
-            .events_dead_lettered
-            .with_label_values(&[&reason])
-            .inc();
-        let id = text("id");
-        tracing::warn!(reason, id = ?id, topic = %record.topic, "sending row to the dead-letter topic");
-        if s.pending.is_empty() {
-            self.enqueue(s, producer, seq, record)
-        } else {
-            s.pending.push_back((seq, record));
-            Ok(())
-        }
     }
 
     async fn send_status(
@@ -654,65 +373,6 @@ impl Session<'_> {
             tracing::debug!(lsn = %sent, "confirmed");
         }
         Ok(())
-    }
-
-    fn retry_pending(&self, s: &mut Stream, producer: &Sink) -> Result<(), RelayError> {
-        while let Some((seq, record)) = s.pending.pop_front() {
-            self.enqueue(s, producer, seq, record)?;
-            if !s.pending.is_empty() && s.pending.front().map(|p| p.0) == Some(seq) {
-                break; // still full: the record went back to the front
-            }
-        }
-        Ok(())
-    }
-
-    fn enqueue(
-        &self,
-        s: &mut Stream,
-        producer: &Sink,
-        seq: Seq,
-        record: Record,
-    ) -> Result<(), RelayError> {
-        match producer.send(seq, s.commit_time, &record) {
-            Ok(()) => {
-                self.counters(s, &record.topic).produced.inc();
-                Ok(())
-            }
-            Err(SendError::QueueFull) => {
-                s.pending.push_front((seq, record));
-                Ok(())
-            }
-            Err(SendError::Rejected { error, .. })
-                if self.dead_letter() && is_permanent(&error) && record.topic != self.dlq() =>
-            {
-                let why = DeadLetter {
-                    reason: "too_large",
-                    error: error.to_string(),
-                    original_topic: None,
-                };
-                let why = if error.rdkafka_error_code()
-                    == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
-                {
-                    why
-                } else {
-                    DeadLetter {
-                        reason: "rejected",
-                        ..why
-                    }
-                };
-                self.send_dead_letter(
-                    s,
-                    producer,
-                    seq,
-                    dead_letter_from_record(&record, self.dlq(), why),
-                )
-            }
-            Err(SendError::Rejected { error, .. }) if is_permanent(&error) => {
-                s.refused += 1;
-                Err(refused(&record, error))
-            }
-            Err(e) => Err(RelayError::Send(e)),
-        }
     }
 
     async fn on_event(
@@ -852,21 +512,6 @@ impl Session<'_> {
             tracing::debug!(change = kind, table = %table, "ignored change");
         }
         Ok(())
-    }
-}
-
-/// The fatal error for a record Kafka refused for good, naming its event.
-fn refused(record: &Record, error: rdkafka::error::KafkaError) -> RelayError {
-    let header = |k: &str| {
-        record
-            .header(k)
-            .map_or_else(|| "?".into(), |v| String::from_utf8_lossy(v).into_owned())
-    };
-    RelayError::Refused {
-        topic: record.topic.clone(),
-        id: header("id"),
-        lsn: header("lsn"),
-        error: error.to_string(),
     }
 }
 

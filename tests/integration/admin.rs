@@ -65,7 +65,11 @@ async fn drop_slot(tc: &TestCase) {
 #[tokio::test]
 async fn init_dry_run_prints_the_sql_and_creates_nothing() {
     let tc = without_table("admin_dry");
-    let cfg = config_file(&tc.config_text(&servers().brokers, ""));
+    // A state schema nobody creates, so the output does not depend on other tests.
+    let cfg = config_file(&format!(
+        "{}\n[checkpoint]\nschema = \"state_admin_dry\"\n",
+        tc.config_text(&servers().brokers, "")
+    ));
     let out = relay_cli(&["init", "--dry-run"], cfg.path()).await;
     println!("$ outbox-relay init --dry-run --config FILE\n{out}");
     assert_eq!(out.code, Some(0), "{out}");
@@ -88,7 +92,7 @@ async fn init_dry_run_prints_the_sql_and_creates_nothing() {
         .skip_while(|l| !l.starts_with("-- SQL"))
         .skip(1)
         .collect();
-    assert_eq!(sql.len(), 3, "{out}");
+    assert_eq!(sql.len(), 6, "{out}");
     assert!(
         sql[0].starts_with(
             r#"CREATE TABLE IF NOT EXISTS "public"."outbox_admin_dry" (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "#
@@ -96,12 +100,15 @@ async fn init_dry_run_prints_the_sql_and_creates_nothing() {
         "{out}"
     );
     assert_eq!(
-        sql[1..],
+        sql[1..4],
         [
             r#"CREATE PUBLICATION "admin_dry" FOR TABLE "public"."outbox_admin_dry" WITH (publish = 'insert');"#,
             "SELECT pg_create_logical_replication_slot('admin_dry', 'pgoutput');",
+            r#"CREATE SCHEMA IF NOT EXISTS "state_admin_dry";"#,
         ]
     );
+    assert!(sql[4].starts_with(r#"CREATE TABLE IF NOT EXISTS "state_admin_dry".checkpoint ("#));
+    assert!(sql[5].starts_with(r#"CREATE TABLE IF NOT EXISTS "state_admin_dry".replay_request ("#));
     for statement in &sql {
         assert!(
             statement.ends_with(';') && statement.matches(';').count() == 1,
