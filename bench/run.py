@@ -842,14 +842,16 @@ def run_live(ctx) -> list[dict]:
         atype = f"live{rate}_{ctx.run_id}"
         topic = f"outbox.event.{atype}"
         log(f"live: {rate:,} single-row transactions/s for {duration} s (pgbench -R)")
-        consumer = spawn([LATENCY_BIN, "--brokers", ctx.brokers, "--topic", topic,
-                          "--partitions", ctx.args.partitions, "--idle-s", "4",
-                          "--fetch-wait-ms", ctx.args.fetch_wait_ms,
-                          "--timeout-s", str(duration + 300)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        line = consumer.stderr.readline().decode()
-        if "ready" not in line:
-            raise BenchError(f"bench_latency did not start: {line}{consumer.stderr.read().decode()}")
+        consumer = None
+        if ctx.args.live_consumer:
+            consumer = spawn([LATENCY_BIN, "--brokers", ctx.brokers, "--topic", topic,
+                              "--partitions", ctx.args.partitions, "--idle-s", "4",
+                              "--fetch-wait-ms", ctx.args.fetch_wait_ms,
+                              "--timeout-s", str(duration + 300)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            line = consumer.stderr.readline().decode()
+            if "ready" not in line:
+                raise BenchError(f"bench_latency did not start: {line}{consumer.stderr.read().decode()}")
         script = ctx.out / f"live-{rate}.sql"
         script.write_text(
             "\\set k random(0, 999)\n"
@@ -861,8 +863,23 @@ def run_live(ctx) -> list[dict]:
         tansu_cpu0 = proc_cpu_seconds(ctx.tansu.pid) if ctx.tansu else None
         meter = CpuMeter()
         clients = 4 if rate <= 1000 else 8
-        pgb = run([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients, "-j", "2",
-                   "-R", rate, "-T", duration, "-d", ctx.url], timeout=duration + 120)
+        # pgbench in the background: the relay's histogram is scraped every minute meanwhile.
+        proc = spawn([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients, "-j", "2",
+                      "-R", rate, "-T", duration, "-d", ctx.url],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        scrapes = [before]
+        next_scrape = time.monotonic() + 60
+        while True:
+            try:
+                pg_out, pg_err = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if duration > 60 and time.monotonic() >= next_scrape:
+                    scrapes.append(prom_samples(http_get(metrics + "/metrics")[1]))
+                    next_scrape += 60
+        if proc.returncode != 0:
+            raise BenchError(f"pgbench exited with {proc.returncode}: {pg_err.strip()[-2000:]}")
+        pgb = subprocess.CompletedProcess(proc.args, 0, pg_out, pg_err)
         load = meter.stop()
         cpu = proc_cpu_seconds(relay.pid) - cpu0
         tansu_cpu = proc_cpu_seconds(ctx.tansu.pid) - tansu_cpu0 if ctx.tansu else None
@@ -875,16 +892,26 @@ def run_live(ctx) -> list[dict]:
                 raise BenchError(f"relay did not confirm the live load; see {ctx.logs / 'relay-live.log'}")
             time.sleep(0.05)
         after = prom_samples(http_get(metrics + "/metrics")[1])
-        out, err = consumer.communicate(timeout=600)
-        if consumer.returncode != 0:
-            raise BenchError(f"bench_latency failed: {err.decode()}")
-        cons = json.loads(out.decode().strip().splitlines()[-1])
+        if consumer is not None:
+            out, err = consumer.communicate(timeout=600)
+            if consumer.returncode != 0:
+                raise BenchError(f"bench_latency failed: {err.decode()}")
+            cons = json.loads(out.decode().strip().splitlines()[-1])
+        else:
+            cons = {"records": None, "consumer_ms": None, "broker_timestamp_ms": None,
+                    "consumer_ms_by_minute": []}
         rows = int(db.one(f"SELECT count(*) FROM public.{table} WHERE aggregate_type = '{atype}'"))
         pg_lat = re.search(r"latency average = ([\d.]+) ms", pgb.stdout)
         lag = re.search(r"rate limit schedule lag: avg ([\d.]+)", pgb.stdout)
         hist = histogram_percentiles(histogram(before, "outbox_relay_delivery_latency_seconds"),
                                      histogram(after, "outbox_relay_delivery_latency_seconds"))
+        scrapes.append(after)
+        hist_by_minute = [
+            histogram_percentiles(histogram(a, "outbox_relay_delivery_latency_seconds"),
+                                  histogram(b, "outbox_relay_delivery_latency_seconds"))
+            for a, b in zip(scrapes, scrapes[1:])] if len(scrapes) > 2 else []
         res = {
+            "relay_histogram_by_minute": hist_by_minute,
             "target_rate": rate,
             "seconds": duration,
             "events": rows,
@@ -899,7 +926,10 @@ def run_live(ctx) -> list[dict]:
             "tansu_cores": tansu_cpu / duration if tansu_cpu is not None else None,
             **load,
         }
-        if cons["records"] != rows:
+        if hist_by_minute:
+            log("live {:,}/s: relay histogram p99 by minute (ms): {}".format(
+                rate, ", ".join(f"{h.get('p99_est_ms') or 0:.1f}" for h in hist_by_minute)))
+        if consumer is not None and cons["records"] != rows:
             log(f"warning: the consumer saw {cons['records']} records, the table has {rows}")
         by_minute = [m["p99"] for m in cons.get("consumer_ms_by_minute", []) if m]
         if len(by_minute) > 1:
@@ -1064,6 +1094,14 @@ def markdown(res: dict) -> str:
                 f"| {hq('p50')} | {hq('p99')} | {hq('p99_9')} "
                 f"| {fmt(b.get('p99'), '.0f')} | {lv['relay_cores']:.2f} | {lv['other_load_cores']:.2f} |")
         for lv in res["live"]:
+            hm = lv.get("relay_histogram_by_minute") or []
+            if hm:
+                lines.append("")
+                lines.append(
+                    f"{lv['target_rate']:,}/s, relay histogram p50 / p99 per minute (ms, interpolated in buckets): "
+                    + "; ".join(f"{fmt(h.get('p50_est_ms'), '.1f')} / {fmt(h.get('p99_est_ms'), '.1f')}" for h in hm)
+                    + ".")
+        for lv in res["live"]:
             minutes = [m for m in lv["consumer"].get("consumer_ms_by_minute", []) if m]
             if len(minutes) > 1:
                 lines.append("")
@@ -1132,6 +1170,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, help="catch-up measurements per workload, best reported (default 3, quick 1)")
     ap.add_argument("--no-live", action="store_true", help="skip the live latency phase")
     ap.add_argument("--live-seconds", type=int, help="duration of each live rate (default 30, quick 10)")
+    ap.add_argument("--no-live-consumer", dest="live_consumer", action="store_false",
+                    help="no latency consumer in the live phase (only the relay's histogram; the broker serves no fetches)")
     ap.add_argument("--live-rates", type=lambda v: [int(x) for x in v.split(",")], default=LIVE_RATES,
                     help="comma-separated commit rates of the live phase (default 1000,5000)")
     ap.add_argument("--fetch-wait-ms", type=int, default=1,
