@@ -864,8 +864,9 @@ def run_live(ctx) -> list[dict]:
         meter = CpuMeter()
         clients = 4 if rate <= 1000 else 8
         # pgbench in the background: the relay's histogram is scraped every minute meanwhile.
+        progress = ["-P", "60"] if duration > 60 else []
         proc = spawn([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients, "-j", "2",
-                      "-R", rate, "-T", duration, "-d", ctx.url],
+                      "-R", rate, "-T", duration, *progress, "-d", ctx.url],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         scrapes = [before]
         next_scrape = time.monotonic() + 60
@@ -910,8 +911,13 @@ def run_live(ctx) -> list[dict]:
             histogram_percentiles(histogram(a, "outbox_relay_delivery_latency_seconds"),
                                   histogram(b, "outbox_relay_delivery_latency_seconds"))
             for a, b in zip(scrapes, scrapes[1:])] if len(scrapes) > 2 else []
+        # pgbench's own commit latency per minute (-P 60), to tell the database's
+        # commit path from the relay when the relay's histogram moves.
+        pg_minutes = [float(m) for m in re.findall(r"progress: [\d.]+ s, [\d.]+ tps, lat ([\d.]+) ms", pg_err)]
         res = {
             "relay_histogram_by_minute": hist_by_minute,
+            "pgbench_commit_latency_by_minute_ms": pg_minutes,
+            "relay_lag_bytes_by_minute": [sc.get("outbox_relay_replication_lag_bytes") for sc in scrapes[1:]],
             "target_rate": rate,
             "seconds": duration,
             "events": rows,
@@ -927,8 +933,9 @@ def run_live(ctx) -> list[dict]:
             **load,
         }
         if hist_by_minute:
-            log("live {:,}/s: relay histogram p99 by minute (ms): {}".format(
-                rate, ", ".join(f"{h.get('p99_est_ms') or 0:.1f}" for h in hist_by_minute)))
+            log("live {:,}/s: relay histogram p99 by minute (ms): {}; pgbench commit latency by minute (ms): {}".format(
+                rate, ", ".join(f"{h.get('p99_est_ms') or 0:.1f}" for h in hist_by_minute),
+                ", ".join(f"{m:.1f}" for m in pg_minutes)))
         if consumer is not None and cons["records"] != rows:
             log(f"warning: the consumer saw {cons['records']} records, the table has {rows}")
         by_minute = [m["p99"] for m in cons.get("consumer_ms_by_minute", []) if m]
@@ -1100,6 +1107,8 @@ def markdown(res: dict) -> str:
                 lines.append(
                     f"{lv['target_rate']:,}/s, relay histogram p50 / p99 per minute (ms, interpolated in buckets): "
                     + "; ".join(f"{fmt(h.get('p50_est_ms'), '.1f')} / {fmt(h.get('p99_est_ms'), '.1f')}" for h in hm)
+                    + "; pgbench's average commit latency per minute (ms): "
+                    + ", ".join(f"{m:.1f}" for m in lv.get("pgbench_commit_latency_by_minute_ms", []))
                     + ".")
         for lv in res["live"]:
             minutes = [m for m in lv["consumer"].get("consumer_ms_by_minute", []) if m]
