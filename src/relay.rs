@@ -239,24 +239,34 @@ pub async fn run_with(
             Err(e) => e,
         };
         metrics.error(err.kind());
+        // A record that could not be delivered for message.timeout.ms, or a
+        // fatal librdkafka error (after which every send fails at once), may
+        // mean the producer itself is stuck (an idempotent producer whose id the
+        // broker no longer knows retries for ever): the next session gets a new
+        // one. Records of the old one were not confirmed; the new session sends
+        // them again from the slot.
+        let broken_producer = sink.fatal_error().or_else(|| {
+            matches!(err, RelayError::Delivery(_)).then(|| "a delivery failed".to_string())
+        });
         let replay_blocked = opts.replay_request.is_some()
             && matches!(&err, RelayError::Replication(r) if r.is_slot_in_use());
-        if err.is_fatal() || replay_blocked {
+        if (err.is_fatal() && broken_producer.is_none()) || replay_blocked {
             metrics.set_health(Health::Down(err.to_string()));
             break Err(err);
         }
         metrics.reconnects.inc();
         failures = if session.streamed { 1 } else { failures + 1 };
-        // A record that could not be delivered for message.timeout.ms, or a
-        // fatal librdkafka error, may mean the producer itself is stuck (an
-        // idempotent producer whose id the broker no longer knows retries for
-        // ever): the next session gets a new one. Records of the old one were
-        // not confirmed; the new session sends them again from the slot.
-        if let Some(why) = sink.fatal_error().or_else(|| {
-            matches!(err, RelayError::Delivery(_)).then(|| "a delivery failed".to_string())
-        }) {
+        if let Some(why) = broken_producer {
             tracing::warn!(reason = %why, "recreating the Kafka producer");
-            (sink, reports) = Sink::new(&cfg, metrics.clone())?;
+            match Sink::new(&cfg, metrics.clone()) {
+                Ok((new_sink, new_reports)) => {
+                    let old = std::mem::replace(&mut sink, new_sink);
+                    reports = new_reports;
+                    // Dropping purges and joins librdkafka's threads: not on a runtime worker.
+                    tokio::task::spawn_blocking(move || drop(old));
+                }
+                Err(e) => break Err(e.into()),
+            }
         }
         let delay = match &err {
             RelayError::Replication(r) if r.is_slot_in_use() => {

@@ -296,7 +296,7 @@ impl Session<'_> {
     ) {
         let deadline = tokio::time::Instant::now() + limit;
         let started = Instant::now();
-        while s.tracker.in_flight() > s.refused {
+        while s.tracker.in_flight() > s.refused + s.pending.len() {
             match tokio::time::timeout_at(deadline, reports.recv()).await {
                 Ok(Some(report)) => {
                     if let Err(e) = self.on_report(s, producer, report) {

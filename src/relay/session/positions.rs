@@ -21,7 +21,10 @@ impl Session<'_> {
             return;
         };
         let why = match result {
-            Err(e) => format!("stopped by an error: {e}"),
+            // A session that will be retried (connection, delivery) takes the
+            // request up again; only an error the user must fix ends it.
+            Err(e) if e.is_fatal() => format!("stopped by an error: {e}"),
+            Err(_) => return,
             Ok(_) if self.opts.replay_request.is_some() => "interrupted before it was done".into(),
             Ok(_) => return,
         };
@@ -83,7 +86,7 @@ impl Session<'_> {
             }
             // After a reconnect, only what this process acknowledged since: the
             // re-send asked for goes on where it was.
-            Some(_) => self.acked,
+            Some(start) => self.acked.max(start),
             None => stored.max(self.acked),
         };
         if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {

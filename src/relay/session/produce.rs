@@ -59,7 +59,7 @@ impl Session<'_> {
                 original: Some(original),
                 error,
                 ..
-            }) if self.dead_letter() => {
+            }) if self.dead_letter() && original.topic != self.dlq() => {
                 let why = DeadLetter {
                     reason: "rejected",
                     error: error.to_string(),
@@ -72,7 +72,8 @@ impl Session<'_> {
                     dead_letter_from_record(&original, self.dlq(), why),
                 )
             }
-            // Refused for good under the stop policy: stop, naming the event.
+            // Refused for good under the stop policy (or the dead-letter record
+            // itself refused): stop, naming the event.
             Err(DeliveryError {
                 original: Some(original),
                 error,
