@@ -177,6 +177,34 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_by_command() -> dict[str, float]:
+    """utime + stime (+ that of waited-for children) of every process, summed by
+    command name (postgres backends, pgbench, tansu, outbox-relay, ...). Processes
+    that exited between two calls drop out, so compare short intervals."""
+    out: dict[str, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name == "postgres":
+            # PostgreSQL names its processes in the command line: walsender,
+            # autovacuum worker, checkpointer, ...; client backends start with the user.
+            try:
+                title = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+            except OSError:
+                title = []
+            kinds = {"walsender", "autovacuum", "checkpointer", "walwriter", "background", "logical", "stats"}
+            kind = title[1] if len(title) > 1 and title[0] == "postgres:" else "postmaster"
+            name = f"postgres {kind if kind in kinds or kind == 'postmaster' else 'backend'}"
+        f = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
+    return out
+
+
 def proc_cpu_split(pid: int) -> tuple[float, float] | None:
     """(utime, stime) of a process in seconds."""
     try:
@@ -869,6 +897,7 @@ def run_live(ctx) -> list[dict]:
                       "-R", rate, "-T", duration, *progress, "-d", ctx.url],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         scrapes = [before]
+        cpu_marks = [(time.monotonic(), cpu_by_command())]
         next_scrape = time.monotonic() + 60
         give_up = time.monotonic() + duration + 120
         while True:
@@ -881,6 +910,7 @@ def run_live(ctx) -> list[dict]:
                     raise BenchError(f"pgbench did not finish within {duration + 120} s")
                 if duration > 60 and time.monotonic() >= next_scrape:
                     scrapes.append(prom_samples(http_get(metrics + "/metrics")[1]))
+                    cpu_marks.append((time.monotonic(), cpu_by_command()))
                     next_scrape += 60
         if proc.returncode != 0:
             raise BenchError(f"pgbench exited with {proc.returncode}: {pg_err.strip()[-2000:]}")
@@ -925,7 +955,14 @@ def run_live(ctx) -> list[dict]:
         # time a transaction waited for a pgbench client. Both are kept.
         pg_minutes = [float(m) for m in re.findall(r"progress: [\d.]+ s, [\d.]+ tps, lat ([\d.]+) ms", pg_err)]
         pg_lag_minutes = [float(m) for m in re.findall(r"progress: [\d.]+ s, .*? lag ([\d.]+) ms", pg_err)]
+        # Cores used per command name per minute: what takes more CPU as a run goes on?
+        cores_by_minute = []
+        for (t0, a), (t1, b) in zip(cpu_marks, cpu_marks[1:]):
+            used = {k: (b[k] - a.get(k, 0.0)) / (t1 - t0) for k in b}
+            cores_by_minute.append({k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
+                                    if v >= 0.01})
         res = {
+            "cores_by_command_by_minute": cores_by_minute,
             "relay_histogram_by_minute": hist_by_minute,
             "pgbench_latency_by_minute_ms": pg_minutes,
             "pgbench_schedule_lag_by_minute_ms": pg_lag_minutes,
@@ -944,6 +981,9 @@ def run_live(ctx) -> list[dict]:
             "tansu_cores": tansu_cpu / duration if tansu_cpu is not None else None,
             **load,
         }
+        for i, cores in enumerate(cores_by_minute):
+            log(f"live {rate:,}/s: minute {i + 1} cores by command: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in list(cores.items())[:6]))
         if hist_by_minute:
             log("live {:,}/s: relay histogram p99 by minute (ms): {}; pgbench latency / schedule lag by minute (ms): {}".format(
                 rate, ", ".join(f"{h.get('p99_est_ms') or 0:.1f}" for h in hist_by_minute),
