@@ -900,18 +900,18 @@ def run_live(ctx) -> list[dict]:
         cpu_marks = [(time.monotonic(), cpu_by_command())]
         next_scrape = time.monotonic() + 60
         give_up = time.monotonic() + duration + 120
-        while True:
-            try:
-                pg_out, pg_err = proc.communicate(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > give_up:
-                    stop_process(proc)
-                    raise BenchError(f"pgbench did not finish within {duration + 120} s")
-                if duration > 60 and time.monotonic() >= next_scrape:
-                    scrapes.append(prom_samples(http_get(metrics + "/metrics")[1]))
-                    cpu_marks.append((time.monotonic(), cpu_by_command()))
-                    next_scrape += 60
+        # Sleep between checks (pgbench's little output fits the pipe until the
+        # end): a communicate() loop here cost this script a growing share of a core.
+        while proc.poll() is None:
+            if time.monotonic() > give_up:
+                stop_process(proc)
+                raise BenchError(f"pgbench did not finish within {duration + 120} s")
+            if duration > 60 and time.monotonic() >= next_scrape:
+                scrapes.append(prom_samples(http_get(metrics + "/metrics")[1]))
+                cpu_marks.append((time.monotonic(), cpu_by_command()))
+                next_scrape += 60
+            time.sleep(0.5)
+        pg_out, pg_err = proc.communicate()
         if proc.returncode != 0:
             raise BenchError(f"pgbench exited with {proc.returncode}: {pg_err.strip()[-2000:]}")
         pgb = subprocess.CompletedProcess(proc.args, 0, pg_out, pg_err)
