@@ -894,7 +894,7 @@ def run_live(ctx) -> list[dict]:
         # pgbench in the background: the relay's histogram is scraped every minute meanwhile.
         progress = ["-P", "60"] if duration > 60 else []
         proc = spawn([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients, "-j", "2",
-                      "-R", rate, "-T", duration, *progress, "-d", ctx.url],
+                      "-R", rate, "-T", duration, *progress, ctx.url],  # the database is positional: "-d" is --debug,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         scrapes = [before]
         cpu_marks = [(time.monotonic(), cpu_by_command())]
