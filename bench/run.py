@@ -892,9 +892,10 @@ def run_live(ctx) -> list[dict]:
         meter = CpuMeter()
         clients = 4 if rate <= 1000 else 8
         # pgbench in the background: the relay's histogram is scraped every minute meanwhile.
+        # The database is positional: pgbench's "-d" is --debug.
         progress = ["-P", "60"] if duration > 60 else []
         proc = spawn([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", clients, "-j", "2",
-                      "-R", rate, "-T", duration, *progress, ctx.url],  # the database is positional: "-d" is --debug,
+                      "-R", rate, "-T", duration, *progress, ctx.url],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         scrapes = [before]
         cpu_marks = [(time.monotonic(), cpu_by_command())]
