@@ -190,7 +190,15 @@ async fn create_state(client: &Client, schema: &str) -> Result<(), tokio_postgre
 /// [`state_sql`] without `CREATE SCHEMA` when the schema exists: PostgreSQL
 /// checks CREATE on the database before IF NOT EXISTS, and a role may own an
 /// existing schema without that privilege.
-pub async fn state_sql_for(
+pub fn state_sql_to_create(schema: &str, schema_exists: bool) -> Vec<String> {
+    state_sql(schema)
+        .into_iter()
+        .filter(|s| !(schema_exists && s.starts_with("CREATE SCHEMA")))
+        .collect()
+}
+
+/// [`state_sql_to_create`], asking the server whether the schema exists.
+async fn state_sql_for(
     client: &Client,
     schema: &str,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
@@ -201,10 +209,7 @@ pub async fn state_sql_for(
         )
         .await?
         .get(0);
-    Ok(state_sql(schema)
-        .into_iter()
-        .filter(|s| !(exists && s.starts_with("CREATE SCHEMA")))
-        .collect())
+    Ok(state_sql_to_create(schema, exists))
 }
 
 /// Reads and writes the relay's tables for one slot, over an owned or a

@@ -380,11 +380,7 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 schema: schema.clone(),
             })
         } else {
-            let statements: Vec<String> = crate::state::state_sql(schema)
-                .into_iter()
-                .filter(|s| !(f.state.schema_exists && s.starts_with("CREATE SCHEMA")))
-                .collect();
-            Create(statements.join(";\n"))
+            Create(crate::state::state_sql_to_create(schema, f.state.schema_exists).join(";\n"))
         },
     ));
     items
