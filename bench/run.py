@@ -167,14 +167,20 @@ def wait_port(port: int, what: str, log_path: Path, timeout=60.0) -> None:
             time.sleep(0.05)
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process from /proc/<pid>/stat (all its threads)."""
+def proc_stat(proc_dir: Path) -> tuple[str, list[str]] | None:
+    """(command name, fields after it) of /proc/<pid>/stat; None once the process is gone.
+    Fields: [0] state, [1] ppid, ..., [11] utime, [12] stime, [13] cutime, [14] cstime (ticks)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (proc_dir / "stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process from /proc/<pid>/stat (all its threads)."""
+    st = proc_stat(Path(f"/proc/{pid}"))
+    return None if st is None else (int(st[1][11]) + int(st[1][12])) / CLK_TCK
 
 
 def cpu_by_command() -> dict[str, float]:
@@ -185,11 +191,10 @@ def cpu_by_command() -> dict[str, float]:
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
+        st = proc_stat(d)
+        if st is None:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name, f = st
         if name == "postgres":
             # PostgreSQL names its processes in the command line: walsender,
             # autovacuum worker, checkpointer, ...; client backends start with the user.
@@ -197,22 +202,18 @@ def cpu_by_command() -> dict[str, float]:
                 title = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
             except OSError:
                 title = []
-            kinds = {"walsender", "autovacuum", "checkpointer", "walwriter", "background", "logical", "stats"}
+            kinds = {"postmaster", "walsender", "autovacuum", "checkpointer", "walwriter", "background",
+                     "logical", "stats"}
             kind = title[1] if len(title) > 1 and title[0] == "postgres:" else "postmaster"
-            name = f"postgres {kind if kind in kinds or kind == 'postmaster' else 'backend'}"
-        f = stat[stat.rindex(")") + 2:].split()
+            name = f"postgres {kind if kind in kinds else 'backend'}"
         out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
     return out
 
 
 def proc_cpu_split(pid: int) -> tuple[float, float] | None:
     """(utime, stime) of a process in seconds."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    st = proc_stat(Path(f"/proc/{pid}"))
+    return None if st is None else (int(st[1][11]) / CLK_TCK, int(st[1][12]) / CLK_TCK)
 
 
 def proc_status_kb(pid: int, key: str) -> int | None:
@@ -253,11 +254,10 @@ def our_tree_seconds() -> float:
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
+        st = proc_stat(d)
+        if st is None:
             continue
-        f = stat[stat.rindex(")") + 2:].split()
+        f = st[1]
         pid, ppid = int(d.name), int(f[1])
         children.setdefault(ppid, []).append(pid)
         cpu[pid] = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
