@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 RELAY_BIN = REPO / "target/release/outbox-relay"
 PRODUCER_BIN = REPO / "target/release/examples/bench_producer"
 LATENCY_BIN = REPO / "target/release/examples/bench_latency"
+MOCK_BIN = REPO / "target/release/examples/bench_mock_broker"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEYS = 1000  # distinct aggregate ids (record keys)
 
@@ -207,6 +208,22 @@ def cpu_by_command() -> dict[str, float]:
             kind = title[1] if len(title) > 1 and title[0] == "postgres:" else "postmaster"
             name = f"postgres {kind if kind in kinds else 'backend'}"
         out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
+    return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime + stime of a process's threads, summed by thread name (tokio-runtime-w,
+    rdk:broker1, rdk:main, ...): which thread of the relay takes the CPU."""
+    out: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for d in tasks:
+        st = proc_stat(d)
+        if st is not None:
+            name, f = st
+            out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / CLK_TCK
     return out
 
 
@@ -518,8 +535,9 @@ KAFKA_PROPERTIES: dict[str, str] = {}  # --kafka-property, for the relay and ben
 
 
 def relay_config(path: Path, *, url: str, brokers: str, slot: str, publication: str, table: str,
-                 partitions: int, metrics: str, topic: str = "outbox.event.{aggregate_type}") -> None:
-    props = "".join(f'"{k}" = "{v}"\n' for k, v in KAFKA_PROPERTIES.items())
+                 partitions: int, metrics: str, topic: str = "outbox.event.{aggregate_type}",
+                 create_topics: bool = True, properties: dict[str, str] | None = None) -> None:
+    props = "".join(f'"{k}" = "{v}"\n' for k, v in {**KAFKA_PROPERTIES, **(properties or {})}.items())
     path.write_text(f"""# written by bench/run.py
 [postgres]
 url = "{url}"
@@ -534,7 +552,7 @@ topic = "{topic}"
 
 [kafka]
 brokers = "{brokers}"
-create_topics = true
+create_topics = {str(create_topics).lower()}
 topic_partitions = {partitions}
 
 [kafka.properties]
@@ -838,19 +856,29 @@ def other_load_note(r: dict) -> str:
 
 # --- live latency ------------------------------------------------------------
 
-def run_live(ctx) -> list[dict]:
+def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list[int] | None = None,
+             seconds: int | None = None, consumer: bool | None = None, topic_seconds: int | None = None,
+             properties: dict[str, str] | None = None, create_topics: bool = True,
+             broker_pid: int | None = None) -> list[dict]:
+    """The relay streaming while pgbench commits at each rate. The keyword arguments
+    override the command line (the RTT sweep runs it against a mock broker)."""
     db = ctx.db
-    table = f"outbox_{ctx.run_id}_live"
-    publication = f"bench_{ctx.run_id}_live"
-    slot = f"bench_{ctx.run_id}_live_relay"
+    brokers = brokers or ctx.brokers
+    rates = rates or ctx.args.live_rates
+    live_consumer = ctx.args.live_consumer if consumer is None else consumer
+    broker_pid = broker_pid or (ctx.tansu.pid if ctx.tansu else None)
+    table = f"outbox_{ctx.run_id}_{name}"
+    publication = f"bench_{ctx.run_id}_{name}"
+    slot = f"bench_{ctx.run_id}_{name}_relay"
     create_outbox(db, table, publication)
     db.one(f"SELECT lsn FROM pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-    cfg = ctx.out / "relay-live.toml"
+    cfg = ctx.out / f"relay-{name}.toml"
     mport = free_port()
     metrics = f"http://127.0.0.1:{mport}"
-    relay_config(cfg, url=ctx.url, brokers=ctx.brokers, slot=slot, publication=publication, table=table,
-                 partitions=ctx.args.partitions, metrics=f"127.0.0.1:{mport}")
-    relay = spawn([RELAY_BIN, "run", "--config", cfg], log_path=ctx.logs / "relay-live.log", env=relay_env())
+    relay_config(cfg, url=ctx.url, brokers=brokers, slot=slot, publication=publication, table=table,
+                 partitions=ctx.args.partitions, metrics=f"127.0.0.1:{mport}",
+                 create_topics=create_topics, properties=properties)
+    relay = spawn([RELAY_BIN, "run", "--config", cfg], log_path=ctx.logs / f"relay-{name}.log", env=relay_env())
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -860,19 +888,33 @@ def run_live(ctx) -> list[dict]:
         except OSError:
             pass
         if relay.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"relay did not become ready; see {ctx.logs / 'relay-live.log'}")
+            raise BenchError(f"relay did not become ready; see {ctx.logs / f'relay-{name}.log'}")
         time.sleep(0.05)
 
-    duration = ctx.args.live_seconds
+    duration = seconds or ctx.args.live_seconds
     results = []
     pad = secrets.token_hex(100)[:165]  # the payload renders to ~200 bytes
-    for rate in ctx.args.live_rates:
-        atype = f"live{rate}_{ctx.run_id}"
-        topic = f"outbox.event.{atype}"
-        log(f"live: {rate:,} single-row transactions/s for {duration} s (pgbench -R)")
+    for rate in rates:
+        atype = f"{name}{rate}_{ctx.run_id}"
+        # With --live-topic-seconds N the writer moves to a new aggregate type (so
+        # a new topic) every N seconds of its clock: tansu 0.6's in-memory engine
+        # lists every stored batch of a partition on each fetch, so one topic
+        # that keeps growing makes the consumer measure tansu (docs/benchmarks.md).
+        window = ctx.args.live_topic_seconds if topic_seconds is None else topic_seconds
+        if window:
+            first = int(time.time() // window)
+            last = int((time.time() + duration + 60) // window)
+            topics = [f"outbox.event.{atype}_{k}" for k in range(first, last + 1)]
+            atype_sql = f"'{atype}_' || floor(extract(epoch FROM clock_timestamp()) / {window})::bigint"
+        else:
+            topics = [f"outbox.event.{atype}"]
+            atype_sql = f"'{atype}'"
+        log(f"live: {rate:,} single-row transactions/s for {duration} s (pgbench -R)"
+            + (f", a new topic every {window} s" if window else ""))
         consumer = None
-        if ctx.args.live_consumer:
-            consumer = spawn([LATENCY_BIN, "--brokers", ctx.brokers, "--topic", topic,
+        if live_consumer:
+            topic_args = [a for t in topics for a in ("--topic", t)]
+            consumer = spawn([LATENCY_BIN, "--brokers", brokers, *topic_args,
                               "--partitions", ctx.args.partitions, "--idle-s", "4",
                               "--fetch-wait-ms", ctx.args.fetch_wait_ms,
                               "--timeout-s", str(duration + 300)],
@@ -880,15 +922,16 @@ def run_live(ctx) -> list[dict]:
             line = consumer.stderr.readline().decode()
             if "ready" not in line:
                 raise BenchError(f"bench_latency did not start: {line}{consumer.stderr.read().decode()}")
-        script = ctx.out / f"live-{rate}.sql"
+        script = ctx.out / f"{name}-{rate}.sql"
         script.write_text(
             "\\set k random(0, 999)\n"
             f"INSERT INTO public.{table} (aggregate_type, aggregate_id, event_type, payload) "
-            f"VALUES ('{atype}', 'agg-' || :k, 'BenchEvent', "
+            f"VALUES ({atype_sql}, 'agg-' || :k, 'BenchEvent', "
             f"jsonb_build_object('t', extract(epoch FROM clock_timestamp()), 'pad', '{pad}'));\n")
         before = prom_samples(http_get(metrics + "/metrics")[1])
         cpu0 = proc_cpu_seconds(relay.pid)
-        tansu_cpu0 = proc_cpu_seconds(ctx.tansu.pid) if ctx.tansu else None
+        broker_cpu0 = proc_cpu_seconds(broker_pid) if broker_pid else None
+        threads0 = thread_cpu(relay.pid)
         meter = CpuMeter()
         clients = 4 if rate <= 1000 else 8
         # pgbench in the background: the relay's histogram is scraped every minute meanwhile.
@@ -899,6 +942,7 @@ def run_live(ctx) -> list[dict]:
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         scrapes = [before]
         cpu_marks = [(time.monotonic(), cpu_by_command())]
+        thread_marks = [thread_cpu(relay.pid)]
         next_scrape = time.monotonic() + 60
         give_up = time.monotonic() + duration + 120
         # Sleep between checks (pgbench's little output fits the pipe until the
@@ -910,6 +954,7 @@ def run_live(ctx) -> list[dict]:
             if duration > 60 and time.monotonic() >= next_scrape:
                 scrapes.append(prom_samples(http_get(metrics + "/metrics")[1]))
                 cpu_marks.append((time.monotonic(), cpu_by_command()))
+                thread_marks.append(thread_cpu(relay.pid))
                 next_scrape += 60
             time.sleep(0.5)
         pg_out, pg_err = proc.communicate()
@@ -918,14 +963,15 @@ def run_live(ctx) -> list[dict]:
         pgb = subprocess.CompletedProcess(proc.args, 0, pg_out, pg_err)
         load = meter.stop()
         cpu = proc_cpu_seconds(relay.pid) - cpu0
-        tansu_cpu = proc_cpu_seconds(ctx.tansu.pid) - tansu_cpu0 if ctx.tansu else None
-        (ctx.logs / f"pgbench-{rate}.log").write_text(pgb.stdout + pgb.stderr)
+        threads1 = thread_cpu(relay.pid)
+        broker_cpu = proc_cpu_seconds(broker_pid) - broker_cpu0 if broker_pid else None
+        (ctx.logs / f"pgbench-{name}-{rate}.log").write_text(pgb.stdout + pgb.stderr)
         end = db.one("SELECT pg_current_wal_insert_lsn()")
         watch = SlotWatch(db, slot, end)
         deadline = time.monotonic() + 120
         while not watch.poll():
             if relay.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"relay did not confirm the live load; see {ctx.logs / 'relay-live.log'}")
+                raise BenchError(f"relay did not confirm the live load; see {ctx.logs / f'relay-{name}.log'}")
             time.sleep(0.05)
         after = prom_samples(http_get(metrics + "/metrics")[1])
         if consumer is not None:
@@ -936,7 +982,8 @@ def run_live(ctx) -> list[dict]:
         else:
             cons = {"records": None, "consumer_ms": None, "broker_timestamp_ms": None,
                     "consumer_ms_by_minute": []}
-        rows = int(db.one(f"SELECT count(*) FROM public.{table} WHERE aggregate_type = '{atype}'"))
+        rows = int(db.one(f"SELECT count(*) FROM public.{table} "
+                          f"WHERE aggregate_type = '{atype}' OR starts_with(aggregate_type, '{atype}_')"))
         pg_lat = re.search(r"latency average = ([\d.]+) ms", pgb.stdout)
         lag = re.search(r"rate limit schedule lag: avg ([\d.]+)", pgb.stdout)
         hist = histogram_percentiles(histogram(before, "outbox_relay_delivery_latency_seconds"),
@@ -962,13 +1009,24 @@ def run_live(ctx) -> list[dict]:
             used = {k: (b[k] - a.get(k, 0.0)) / (t1 - t0) for k in b}
             cores_by_minute.append({k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
                                     if v >= 0.01})
+        relay_threads_by_minute = []
+        for (t0, _), (t1, _), a, b in zip(cpu_marks, cpu_marks[1:], thread_marks, thread_marks[1:]):
+            used = {k: (b[k] - a.get(k, 0.0)) / (t1 - t0) for k in b}
+            relay_threads_by_minute.append({k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
+                                            if v >= 0.005})
         res = {
             "cores_by_command_by_minute": cores_by_minute,
+            "relay_cores_by_thread_by_minute": relay_threads_by_minute,
+            "relay_in_flight_by_minute": [sc.get("outbox_relay_records_in_flight") for sc in scrapes[1:]],
+            "relay_producer_queue_by_minute": [sc.get("outbox_relay_producer_queue_depth") for sc in scrapes[1:]],
             "relay_histogram_by_minute": hist_by_minute,
             "pgbench_latency_by_minute_ms": pg_minutes,
             "pgbench_schedule_lag_by_minute_ms": pg_lag_minutes,
             "relay_lag_bytes_by_minute": [sc.get("outbox_relay_replication_lag_bytes") for sc in scrapes[1:]],
             "target_rate": rate,
+            "topic_seconds": window or None,
+            "topics_written": int(db.one(f"SELECT count(DISTINCT aggregate_type) FROM public.{table} "
+                                         f"WHERE aggregate_type = '{atype}' OR starts_with(aggregate_type, '{atype}_')")),
             "seconds": duration,
             "events": rows,
             "achieved_rate": rows / duration,
@@ -979,12 +1037,17 @@ def run_live(ctx) -> list[dict]:
             "consumer": cons,
             "relay_cpu_s_per_million_events": cpu / rows * 1e6 if rows else None,
             "relay_cores": cpu / duration,
-            "tansu_cores": tansu_cpu / duration if tansu_cpu is not None else None,
+            "broker_cores": broker_cpu / duration if broker_cpu is not None else None,
+            "relay_cores_by_thread": {k: round((v - threads0.get(k, 0.0)) / duration, 3)
+                                      for k, v in sorted(threads1.items(), key=lambda kv: -kv[1])},
             **load,
         }
         for i, cores in enumerate(cores_by_minute):
             log(f"live {rate:,}/s: minute {i + 1} cores by command: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in list(cores.items())[:6]))
+        for i, cores in enumerate(relay_threads_by_minute):
+            log(f"live {rate:,}/s: minute {i + 1} relay cores by thread: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in cores.items()))
         if hist_by_minute:
             log("live {:,}/s: relay histogram p99 by minute (ms): {}; pgbench latency / schedule lag by minute (ms): {}".format(
                 rate, ", ".join(f"{h.get('p99_est_ms') or 0:.1f}" for h in hist_by_minute),
@@ -1008,6 +1071,37 @@ def run_live(ctx) -> list[dict]:
     db.query(f"DROP PUBLICATION {publication}")
     db.query(f"DROP TABLE public.{table}")
     return results
+
+
+# --- broker round-trip sweep ---------------------------------------------------
+
+def run_rtt_sweep(ctx) -> list[dict]:
+    """The live phase (no consumer) against librdkafka's mock broker answering
+    after a fixed round-trip time, for each RTT and linger.ms: what a slower
+    broker costs the relay in CPU and latency, and which linger suits it. The
+    mock creates topics itself (4 partitions) and does no other work."""
+    out = []
+    for rtt in ctx.args.rtt_ms:
+        for linger in ctx.args.rtt_lingers:
+            name = f"rtt{rtt}l{linger}"
+            mock = spawn([MOCK_BIN, "--rtt-ms", rtt], stdout=subprocess.PIPE, log_path=ctx.logs / f"mock-{name}.log")
+            brokers = mock.stdout.readline().decode().strip()
+            if not brokers:
+                raise BenchError(f"bench_mock_broker did not start; see {ctx.logs / f'mock-{name}.log'}")
+            log(f"rtt sweep: broker round trip {rtt} ms, linger.ms {linger}")
+            try:
+                [r] = run_live(ctx, name=name, brokers=brokers, rates=[ctx.args.rtt_rate],
+                               seconds=ctx.args.rtt_seconds, consumer=False, topic_seconds=0,
+                               properties={"linger.ms": str(linger)}, create_topics=False, broker_pid=mock.pid)
+            finally:
+                stop_process(mock)
+            r.update(broker_rtt_ms=rtt, linger_ms=linger)
+            h = r["relay_histogram"]
+            log(f"rtt {rtt} ms, linger {linger} ms: histogram p50 {h.get('p50_est_ms') or 0:.1f} "
+                f"p99 {h.get('p99_est_ms') or 0:.1f} ms; relay {r['relay_cores']:.2f} cores "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in r['relay_cores_by_thread'].items() if v >= 0.005)})")
+            out.append(r)
+    return out
 
 
 # --- profile -----------------------------------------------------------------
@@ -1238,8 +1332,20 @@ def main() -> int:
                     help="no latency consumer in the live phase (only the relay's histogram; the broker serves no fetches)")
     ap.add_argument("--live-rates", type=lambda v: [int(x) for x in v.split(",")], default=LIVE_RATES,
                     help="comma-separated commit rates of the live phase (default 1000,5000)")
+    ap.add_argument("--live-topic-seconds", type=int, default=20,
+                    help="live phase: a new topic every N seconds (default 20; 0 = one topic): tansu's "
+                         "in-memory engine reads a growing partition slower on every fetch")
     ap.add_argument("--fetch-wait-ms", type=int, default=1,
                     help="fetch.wait.max.ms of the latency consumer (default 1: tansu waits that long per fetch)")
+    ap.add_argument("--rtt-sweep", action="store_true",
+                    help="also run the live phase against librdkafka's mock broker with fixed round-trip "
+                         "times (--rtt-ms) for each --rtt-lingers value (about 25 s per pair)")
+    ap.add_argument("--rtt-ms", type=lambda v: [int(x) for x in v.split(",")], default=[0, 5, 10, 20],
+                    help="round-trip times of the sweep (default 0,5,10,20)")
+    ap.add_argument("--rtt-lingers", type=lambda v: [int(x) for x in v.split(",")], default=[5, 10],
+                    help="linger.ms values of the sweep (default 5,10)")
+    ap.add_argument("--rtt-rate", type=int, default=5000, help="commit rate of the sweep (default 5000)")
+    ap.add_argument("--rtt-seconds", type=int, default=20, help="seconds per sweep point (default 20)")
     ap.add_argument("--profile", choices=["perf", "callgrind"],
                     help="also profile catch-ups of tx1_200B and tx100_200B with this tool (extra 1-3 minutes)")
     ap.add_argument("--partitions", type=int, default=3, help="partitions of every topic (default 3)")
@@ -1286,7 +1392,8 @@ def main() -> int:
     if not args.skip_build:
         log("cargo build --release (outbox-relay, examples bench_producer and bench_latency)")
         r = subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay",
-                            "--example", "bench_producer", "--example", "bench_latency"], cwd=REPO)
+                            "--example", "bench_producer", "--example", "bench_latency",
+                            "--example", "bench_mock_broker"], cwd=REPO)
         if r.returncode != 0:
             raise BenchError("cargo build --release failed")
     whole = CpuMeter()
@@ -1321,8 +1428,9 @@ def main() -> int:
             "keys": KEYS,
             "repeat": args.repeat,
             "consumer_fetch_wait_max_ms": args.fetch_wait_ms,
+            "live_topic_seconds": args.live_topic_seconds,
             "relay": {"status_interval_ms": 100, "kafka.create_topics": True,
-                      "producer": "relay defaults: linger.ms=5, queue.buffering.max.kbytes=65536, "
+                      "producer": "relay defaults: linger.ms=10, queue.buffering.max.kbytes=65536, "
                                   "message.timeout.ms=300000, enable.idempotence=true, acks=all"},
         },
         "workloads": [],
@@ -1332,6 +1440,8 @@ def main() -> int:
     if not args.no_live:
         res["live"] = run_live(ctx)
     res["other_load_cores_whole_run"] = whole.stop()["other_load_cores"]
+    if args.rtt_sweep:
+        res["rtt_sweep"] = run_rtt_sweep(ctx)
     if args.profile:
         res["profile"] = run_profile(ctx, args.profile)
     res["total_seconds"] = time.monotonic() - t_start

@@ -1,5 +1,5 @@
-//! The consumer cross-check of `bench/run.py`'s live-latency phase: follows a
-//! topic from the beginning and, for each record, compares the commit-side
+//! The consumer cross-check of `bench/run.py`'s live-latency phase: follows
+//! one or more topics (`--topic` repeated) from the beginning and, for each record, compares the commit-side
 //! time the benchmark writer put in the payload (`{"t": <epoch seconds>}`,
 //! `clock_timestamp()` inside the single-row transaction) with
 //!
@@ -27,7 +27,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 struct Args {
     brokers: String,
-    topic: String,
+    topics: Vec<String>,
     partitions: i32,
     count: usize,
     idle: Duration,
@@ -38,7 +38,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         brokers: "127.0.0.1:9092".into(),
-        topic: String::new(),
+        topics: Vec::new(),
         partitions: 1,
         count: usize::MAX,
         idle: Duration::from_secs(5),
@@ -51,7 +51,7 @@ fn parse_args() -> Result<Args, String> {
         let bad = |e: std::num::ParseIntError| format!("{flag}: {e}");
         match flag.as_str() {
             "--brokers" => a.brokers = value()?,
-            "--topic" => a.topic = value()?,
+            "--topic" => a.topics.push(value()?),
             "--partitions" => a.partitions = value()?.parse().map_err(bad)?,
             "--count" => a.count = value()?.parse().map_err(bad)?,
             "--idle-s" => a.idle = Duration::from_secs(value()?.parse().map_err(bad)?),
@@ -60,7 +60,7 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
-    if a.topic.is_empty() {
+    if a.topics.is_empty() {
         return Err("--topic is required".into());
     }
     Ok(a)
@@ -106,15 +106,19 @@ async fn main() {
         eprintln!("bench_latency: {e}");
         std::process::exit(2);
     });
-    // The topic may not exist yet (the relay creates it on the first record):
-    // create it with the relay's partition count so both agree.
+    // The topics may not exist yet (the relay creates them on their first record):
+    // create them with the relay's partition count so both agree.
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .create()
         .expect("admin client");
-    let new = NewTopic::new(&args.topic, args.partitions, TopicReplication::Fixed(1));
+    let new: Vec<NewTopic> = args
+        .topics
+        .iter()
+        .map(|t| NewTopic::new(t, args.partitions, TopicReplication::Fixed(1)))
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    match admin.create_topics([&new], &opts).await {
+    match admin.create_topics(&new, &opts).await {
         Ok(rs) => {
             for r in rs {
                 if let Err((_, code)) = r {
@@ -140,24 +144,26 @@ async fn main() {
         .create()
         .expect("consumer");
     let deadline = Instant::now() + args.timeout;
-    let parts = loop {
-        let n = consumer
-            .fetch_metadata(Some(&args.topic), Duration::from_secs(5))
-            .map(|md| md.topics()[0].partitions().len())
-            .unwrap_or(0);
-        if n > 0 {
-            break n as i32;
-        }
-        if Instant::now() > deadline {
-            eprintln!("bench_latency: topic {:?} has no partitions", args.topic);
-            std::process::exit(1);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
     let mut tpl = TopicPartitionList::new();
-    for p in 0..parts {
-        tpl.add_partition_offset(&args.topic, p, Offset::Beginning)
-            .unwrap();
+    for topic in &args.topics {
+        let parts = loop {
+            let n = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .map(|md| md.topics()[0].partitions().len())
+                .unwrap_or(0);
+            if n > 0 {
+                break n as i32;
+            }
+            if Instant::now() > deadline {
+                eprintln!("bench_latency: topic {topic:?} has no partitions");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        for p in 0..parts {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
     }
     consumer.assign(&tpl).expect("assign");
     // Ready: the benchmark waits for this line on stderr before it starts writing.

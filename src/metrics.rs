@@ -8,8 +8,8 @@
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::lsn::Lsn;
@@ -45,6 +45,7 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     pub records_in_flight: IntGauge,
     pub producer_queue_depth: IntGauge,
+    pub broker_rtt: GaugeVec,
     pub reconnects: IntCounter,
     pub errors: IntCounterVec,
     pub active: IntGauge,
@@ -77,6 +78,13 @@ fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
     m
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let m = GaugeVec::new(Opts::new(format!("outbox_relay_{name}"), help), labels)
+        .expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
 fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let m = IntGauge::new(format!("outbox_relay_{name}"), help).expect("valid metric");
     r.register(Box::new(m.clone())).expect("unique metric");
@@ -85,7 +93,8 @@ fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 
 /// Latency buckets from 1 ms to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 /// WAL statuses of `pg_replication_slots.wal_status`.
@@ -169,6 +178,12 @@ impl Metrics {
             slot_wal_status,
             records_in_flight: int_gauge(&r, "records_in_flight", "Records produced and not yet acknowledged"),
             producer_queue_depth: int_gauge(&r, "producer_queue_depth", "Messages queued or in flight in librdkafka"),
+            broker_rtt: gauge_vec(
+                &r,
+                "broker_rtt_seconds",
+                "Produce round-trip time per broker over the last statistics interval (librdkafka statistics)",
+                &["broker", "stat"],
+            ),
             reconnects: counter(&r, "reconnects_total", "Sessions restarted after an error"),
             errors: counter_vec(&r, "errors_total", "Errors by kind", &["kind"]),
             active: int_gauge(&r, "active", "1 while this instance streams from the slot, 0 while standing by"),

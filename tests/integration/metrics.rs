@@ -36,7 +36,12 @@ fn promtool_check(text: &str) {
 async fn metrics_match_a_known_workload_and_pass_promtool() {
     let tc = TestCase::new("metrics").await;
     let s = servers();
-    let relay = start_relay(tc.config()).await;
+    let mut cfg = tc.config();
+    // Statistics every 200 ms instead of 10 s, for the broker round-trip gauge.
+    cfg.kafka
+        .properties
+        .insert("statistics.interval.ms".into(), "200".into());
+    let relay = start_relay(cfg).await;
     let listener = outbox_relay::http::bind("127.0.0.1:0").await.unwrap();
     let addr = outbox_relay::http::local_addr(&listener)
         .unwrap()
@@ -125,6 +130,24 @@ async fn metrics_match_a_known_workload_and_pass_promtool() {
             sample(&text, "outbox_relay_slot_active") == Some(1.0)
                 && sample(&text, "outbox_relay_slot_wal_status{status=\"reserved\"}") == Some(1.0)
                 && sample(&text, "outbox_relay_slot_retained_wal_bytes").is_some_and(|b| b > 0.0)
+        }
+    })
+    .await;
+
+    // librdkafka's statistics: the produce round trip to the one broker.
+    let rtt = format!(
+        "outbox_relay_broker_rtt_seconds{{broker=\"{}\",stat=\"p99\"}}",
+        s.brokers
+    );
+    eventually(15, "broker round-trip gauge", || {
+        let (a, rtt) = (addr.clone(), rtt.clone());
+        async move {
+            let text = tokio::task::spawn_blocking(move || http_get(&a, "/metrics"))
+                .await
+                .unwrap()
+                .unwrap()
+                .1;
+            sample(&text, &rtt).is_some_and(|v| v > 0.0 && v < 5.0)
         }
     })
     .await;
