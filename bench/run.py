@@ -1058,9 +1058,10 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
         if len(by_minute) > 1:
             log("live {:,}/s: consumer p99 by minute (ms): {}".format(
                 rate, ", ".join(f"{p:.1f}" for p in by_minute)))
-        c = cons["consumer_ms"] or {}
-        log(f"live {rate:,}/s: achieved {rows / duration:,.0f}/s; consumer p50 {c.get('p50', 0):.1f} "
-            f"p99 {c.get('p99', 0):.1f} p99.9 {c.get('p99_9', 0):.1f} max {c.get('max', 0):.1f} ms; "
+        c = cons["consumer_ms"]
+        seen = (f"consumer p50 {c['p50']:.1f} p99 {c['p99']:.1f} p99.9 {c['p99_9']:.1f} max {c['max']:.1f} ms; "
+                if c else "")
+        log(f"live {rate:,}/s: achieved {rows / duration:,.0f}/s; {seen}"
             f"histogram p99 ≤ {hist.get('p99_le_ms')} ms{other_load_note(res)}")
         results.append(res)
     hwm = proc_status_kb(relay.pid, "VmHWM")
@@ -1266,6 +1267,17 @@ def markdown(res: dict) -> str:
                     f"{lv['target_rate']:,}/s, consumer p50 / p99 / max per minute (ms): "
                     + "; ".join(f"{m['p50']:.1f} / {m['p99']:.1f} / {m['max']:.1f}" for m in minutes)
                     + f"; relay peak RSS over the live run {fmt(lv.get('relay_peak_rss_mb_whole_live_run'), '.1f')} MB.")
+    if res.get("rtt_sweep"):
+        lines += ["", "| broker round trip (mock, ms) | linger.ms | histogram p50 (ms) | p99 | p99.9 | relay (cores) "
+                  "| of which librdkafka broker thread | achieved |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in res["rtt_sweep"]:
+            h = r["relay_histogram"]
+            broker_thread = sum(v for k, v in r["relay_cores_by_thread"].items() if k.startswith("rdk:broker"))
+            lines.append(
+                f"| {r['broker_rtt_ms']} | {r['linger_ms']} | {fmt(h.get('p50_est_ms'), '.1f')} "
+                f"| {fmt(h.get('p99_est_ms'), '.1f')} (≤ {fmt(h.get('p99_le_ms'), 'g')}) | {fmt(h.get('p99_9_est_ms'), '.1f')} "
+                f"| {r['relay_cores']:.2f} | {broker_thread:.2f} | {r['achieved_rate']:,.0f}/s |")
     lines += ["", "| target | result | met |", "| --- | --- | --- |"]
     for row in res["targets"]:
         met = "not measured" if row["met"] is None else "yes" if row["met"] else "**no**"

@@ -32,6 +32,15 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// The body of `/metrics` at `addr`.
+async fn scrape(addr: String) -> String {
+    tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
+        .await
+        .unwrap()
+        .unwrap()
+        .1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_a_known_workload_and_pass_promtool() {
     let tc = TestCase::new("metrics").await;
@@ -122,11 +131,7 @@ async fn metrics_match_a_known_workload_and_pass_promtool() {
     eventually(15, "slot gauges", || {
         let a = addr.clone();
         async move {
-            let text = tokio::task::spawn_blocking(move || http_get(&a, "/metrics"))
-                .await
-                .unwrap()
-                .unwrap()
-                .1;
+            let text = scrape(a).await;
             sample(&text, "outbox_relay_slot_active") == Some(1.0)
                 && sample(&text, "outbox_relay_slot_wal_status{status=\"reserved\"}") == Some(1.0)
                 && sample(&text, "outbox_relay_slot_retained_wal_bytes").is_some_and(|b| b > 0.0)
@@ -142,11 +147,7 @@ async fn metrics_match_a_known_workload_and_pass_promtool() {
     eventually(15, "broker round-trip gauge", || {
         let (a, rtt) = (addr.clone(), rtt.clone());
         async move {
-            let text = tokio::task::spawn_blocking(move || http_get(&a, "/metrics"))
-                .await
-                .unwrap()
-                .unwrap()
-                .1;
+            let text = scrape(a).await;
             sample(&text, &rtt).is_some_and(|v| v > 0.0 && v < 5.0)
         }
     })
