@@ -8,7 +8,9 @@ In one run, for each workload and on the same WAL range:
   3. write limit: examples/bench_producer sends as many records of the same size and
                   keys to the same broker with the relay's producer settings;
 then the live latency at fixed commit rates (pgbench, single-row transactions),
-read from the relay's histogram and cross-checked by a consumer (examples/bench_latency).
+read from the relay's histogram and cross-checked by a consumer (examples/bench_latency);
+with --rtt-sweep also the live phase against a mock broker with fixed round-trip times
+(examples/bench_mock_broker) for several linger.ms values.
 
 Starts its own PostgreSQL cluster and tansu broker on free ports unless --pg-url /
 --brokers are given, and stops and removes everything it started, also on failure
@@ -913,7 +915,7 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
             + (f", a new topic every {window} s" if window else ""))
         consumer = None
         if live_consumer:
-            topic_args = [a for t in topics for a in ("--topic", t)]
+            topic_args = [a for t in topics for a in ("--topic", t)] + ["--topic-seconds", window]
             consumer = spawn([LATENCY_BIN, "--brokers", brokers, *topic_args,
                               "--partitions", ctx.args.partitions, "--idle-s", "4",
                               "--fetch-wait-ms", ctx.args.fetch_wait_ms,
@@ -1296,14 +1298,22 @@ def targets(res: dict) -> list[dict]:
                         "met": ratio >= TARGET_READ_RATIO})
     for lv in res.get("live", []):
         if lv["target_rate"] == 5000:
+            # Commit-to-ack as the issue defines it: the commit timestamp to the
+            # delivery report, i.e. the relay's histogram. 99 % of the records in
+            # buckets up to 20 ms means p99 ≤ 20 ms exactly. The consumer (ack plus
+            # the broker's fetch path) is the cross-check, reported alongside.
             c = (lv["consumer"]["consumer_ms"] or {}).get("p99")
             h = lv["relay_histogram"]["p99_le_ms"]
-            met = (None if c is None else
-                   c <= TARGET_P99_MS and h is not None and h <= TARGET_P99_MS)
-            out.append({"target": f"live p99 ≤ {TARGET_P99_MS:g} ms at 5k events/s",
-                        "result": f"consumer p99 {fmt(c, '.1f')} ms, relay histogram p99 ≤ {fmt(h, 'g')} ms "
-                                  f"(achieved {lv['achieved_rate']:,.0f}/s)",
-                        "met": met})
+            out.append({"target": f"live p99 commit-to-ack ≤ {TARGET_P99_MS:g} ms at 5k events/s",
+                        "result": f"relay histogram p99 ≤ {fmt(h, 'g')} ms; cross-check: "
+                                  + (f"consumer p99 {c:.1f} ms" if c is not None else "no consumer")
+                                  + f" (achieved {lv['achieved_rate']:,.0f}/s, {lv['seconds']} s)",
+                        "met": None if h is None else h <= TARGET_P99_MS})
+            minutes = [m.get("p99_le_ms") for m in lv.get("relay_histogram_by_minute") or []]
+            if minutes:
+                out.append({"target": "... in every minute of the run (no growth)",
+                            "result": "p99 bucket by minute ≤ " + ", ".join(fmt(m, "g") for m in minutes) + " ms",
+                            "met": all(m is not None and m <= TARGET_P99_MS for m in minutes)})
     big = [w for w in res["workloads"] if w["events"] >= 1_000_000]
     if big:
         rss = max(w["relay_peak_rss_mb_max"] for w in big)
@@ -1402,7 +1412,7 @@ def main() -> int:
     t_start = time.monotonic()
 
     if not args.skip_build:
-        log("cargo build --release (outbox-relay, examples bench_producer and bench_latency)")
+        log("cargo build --release (outbox-relay, examples bench_producer, bench_latency, bench_mock_broker)")
         r = subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay",
                             "--example", "bench_producer", "--example", "bench_latency",
                             "--example", "bench_mock_broker"], cwd=REPO)

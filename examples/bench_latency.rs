@@ -1,13 +1,20 @@
 //! The consumer cross-check of `bench/run.py`'s live-latency phase: follows
-//! one or more topics (`--topic` repeated) from the beginning and, for each record, compares the commit-side
-//! time the benchmark writer put in the payload (`{"t": <epoch seconds>}`,
-//! `clock_timestamp()` inside the single-row transaction) with
+//! one or more topics (`--topic` repeated) from the beginning and, for each
+//! record, compares the commit-side time the benchmark writer put in the
+//! payload (`{"t": <epoch seconds>}`, `clock_timestamp()` inside the
+//! single-row transaction) with
 //!
 //! - the time this consumer received the record (end to end: commit,
 //!   decoding, relay, broker ack, fetch), and
 //! - the record's broker timestamp (CreateTime, set by librdkafka when the
 //!   relay enqueued the record; millisecond resolution; LogAppendTime if the
 //!   topic is configured so).
+//!
+//! With `--topic-seconds N` the topics are named `<prefix>_<k>` and topic `k`
+//! is written from second `k * N` of the Unix clock on (the benchmark's writer
+//! moves to a new topic every N seconds): each is assigned 2 s before its
+//! interval starts and unassigned 10 s after it ends, so every fetch names only
+//! the partitions in use (a fetch's cost grows with the partitions it names).
 //!
 //! It stops after --count records, or once nothing arrived for --idle-s seconds
 //! after the first record, and prints percentiles (nearest rank, ms) as one
@@ -33,6 +40,7 @@ struct Args {
     idle: Duration,
     timeout: Duration,
     fetch_wait_ms: u32,
+    topic_seconds: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -44,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         idle: Duration::from_secs(5),
         timeout: Duration::from_secs(600),
         fetch_wait_ms: 10,
+        topic_seconds: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,13 +66,31 @@ fn parse_args() -> Result<Args, String> {
             "--idle-s" => a.idle = Duration::from_secs(value()?.parse().map_err(bad)?),
             "--timeout-s" => a.timeout = Duration::from_secs(value()?.parse().map_err(bad)?),
             "--fetch-wait-ms" => a.fetch_wait_ms = value()?.parse().map_err(bad)?,
+            "--topic-seconds" => a.topic_seconds = value()?.parse().map_err(bad)?,
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
     if a.topics.is_empty() {
         return Err("--topic is required".into());
     }
+    if a.topic_seconds > 0 {
+        if let Some(t) = a.topics.iter().find(|t| interval_of(t).is_none()) {
+            return Err(format!(
+                "--topic-seconds: topic {t:?} does not end in _<number>"
+            ));
+        }
+    }
     Ok(a)
+}
+
+/// `k` of a topic named `<prefix>_<k>`.
+fn interval_of(topic: &str) -> Option<u64> {
+    topic.rsplit('_').next()?.parse().ok()
+}
+
+/// Whether topic `k` of `n`-second intervals is in use at Unix time `now` (seconds).
+fn in_use(k: u64, n: u64, now: u64) -> bool {
+    k * n <= now + 2 && now < (k + 1) * n + 10
 }
 
 fn now_ms() -> f64 {
@@ -144,7 +171,7 @@ async fn main() {
         .create()
         .expect("consumer");
     let deadline = Instant::now() + args.timeout;
-    let mut tpl = TopicPartitionList::new();
+    let mut partitions = Vec::new();
     for topic in &args.topics {
         let parts = loop {
             let n = consumer
@@ -160,12 +187,55 @@ async fn main() {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        for p in 0..parts {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
+        partitions.push(parts);
     }
-    consumer.assign(&tpl).expect("assign");
+    let list = |indexes: &[usize]| {
+        let mut tpl = TopicPartitionList::new();
+        for &i in indexes {
+            for p in 0..partitions[i] {
+                tpl.add_partition_offset(&args.topics[i], p, Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        tpl
+    };
+    let all: Vec<usize> = (0..args.topics.len()).collect();
+    // Indexes of the topics assigned now (all of them without --topic-seconds).
+    let mut assigned: Vec<usize> = Vec::new();
+    let reassign = |assigned: &mut Vec<usize>| {
+        let wanted: Vec<usize> = if args.topic_seconds == 0 {
+            all.clone()
+        } else {
+            let now = (now_ms() / 1e3) as u64;
+            all.iter()
+                .copied()
+                .filter(|&i| {
+                    interval_of(&args.topics[i]).is_some_and(|k| in_use(k, args.topic_seconds, now))
+                })
+                .collect()
+        };
+        let added: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|i| !assigned.contains(i))
+            .collect();
+        let removed: Vec<usize> = assigned
+            .iter()
+            .copied()
+            .filter(|i| !wanted.contains(i))
+            .collect();
+        if !removed.is_empty() {
+            consumer
+                .incremental_unassign(&list(&removed))
+                .expect("unassign");
+        }
+        if !added.is_empty() {
+            consumer.incremental_assign(&list(&added)).expect("assign");
+        }
+        *assigned = wanted;
+    };
+    reassign(&mut assigned);
+    let mut checked = Instant::now();
     // Ready: the benchmark waits for this line on stderr before it starts writing.
     eprintln!("bench_latency: ready");
 
@@ -177,6 +247,10 @@ async fn main() {
     let mut bad_payloads = 0usize;
     let mut last = None::<Instant>;
     while e2e.len() + bad_payloads < args.count && Instant::now() < deadline {
+        if args.topic_seconds > 0 && checked.elapsed() > Duration::from_millis(200) {
+            reassign(&mut assigned);
+            checked = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 let received = now_ms();

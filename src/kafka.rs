@@ -38,9 +38,11 @@ const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "20000"),
     // The idempotent producer keeps one request per partition in flight
     // (librdkafka counts its limit of 5 in messages); while it waits for the
-    // broker, a batch whose linger has expired wakes the broker thread
-    // continuously. 10 ms gave a lower p99 and less CPU than 5 (or 2) at
-    // 5,000 events/s, for 2 ms more median: docs/benchmarks.md.
+    // broker, a batch whose linger has expired makes the broker thread
+    // busy-poll. Against a broker answering in 10 ms, 10 instead of 5 cut the
+    // relay from 0.57 to 0.22 core at 5,000 events/s for the same latency; it
+    // adds 2-3 ms of median against one that answers at once
+    // (docs/benchmarks.md, "Third round").
     ("linger.ms", "10"),
     // Broker round-trip times for outbox_relay_broker_rtt_seconds.
     ("statistics.interval.ms", "10000"),

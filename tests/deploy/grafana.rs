@@ -23,6 +23,7 @@ fn dashboard_uses_only_exported_metrics_and_covers_the_relay() {
         "outbox_relay_active",
         "outbox_relay_records_in_flight",
         "outbox_relay_producer_queue_depth",
+        "outbox_relay_broker_rtt_seconds",
         "outbox_relay_reconnects_total",
         "outbox_relay_errors_total",
     ] {

@@ -51,6 +51,7 @@ const METRICS: &[&str] = &[
     "outbox_relay_slot_wal_status", // {status}
     "outbox_relay_records_in_flight",
     "outbox_relay_producer_queue_depth",
+    "outbox_relay_broker_rtt_seconds", // {broker, stat}
     "outbox_relay_active",
     "outbox_relay_build_info", // {version}
 ];
