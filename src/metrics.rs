@@ -181,7 +181,7 @@ impl Metrics {
             broker_rtt: gauge_vec(
                 &r,
                 "broker_rtt_seconds",
-                "Produce round-trip time per broker over the last statistics interval (librdkafka statistics)",
+                "Request round-trip time per broker (mostly produce requests, including the broker's wait for acks=all) over the last librdkafka statistics interval",
                 &["broker", "stat"],
             ),
             reconnects: counter(&r, "reconnects_total", "Sessions restarted after an error"),

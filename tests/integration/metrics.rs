@@ -139,7 +139,7 @@ async fn metrics_match_a_known_workload_and_pass_promtool() {
     })
     .await;
 
-    // librdkafka's statistics: the produce round trip to the one broker.
+    // librdkafka's statistics: the request round trip to the one broker.
     let rtt = format!(
         "outbox_relay_broker_rtt_seconds{{broker=\"{}\",stat=\"p99\"}}",
         s.brokers
