@@ -166,7 +166,10 @@ async fn main() {
             eprintln!("bench_producer: {e}");
             std::process::exit(1);
         });
-    cc.set("enable.idempotence", "true").set("acks", "all");
+    // No statistics: this context does not read them.
+    cc.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("statistics.interval.ms", "0");
     let counters = Arc::new(Counters::default());
     let producer: ThreadedProducer<Context> = cc
         .create_with_context(Context(counters.clone()))
