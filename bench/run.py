@@ -1320,7 +1320,7 @@ def targets(res: dict) -> list[dict]:
             out.append({"target": f"live p99 commit-to-ack ≤ {TARGET_P99_MS:g} ms at 5k events/s",
                         "result": f"relay histogram p99 ≤ {fmt(h, 'g')} ms; cross-check: "
                                   + (f"consumer p99 {c:.1f} ms" if c is not None else "no consumer")
-                                  + (f" (consumer missed {missed:,} records: not comparable)" if missed else "")
+                                  + (f" (consumer missed {missed:,} records: not comparable)" if missed and missed > 0 else "")
                                   + f" (achieved {lv['achieved_rate']:,.0f}/s, {lv['seconds']} s)",
                         # No bound means no samples, or p99 past the last bucket (+Inf).
                         "met": h <= TARGET_P99_MS if h is not None else
