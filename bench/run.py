@@ -229,6 +229,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def cores_between(a: dict[str, float], b: dict[str, float], seconds: float,
+                  floor: float = 0.0) -> dict[str, float]:
+    """Cores used per name between two CPU-seconds readings, largest first,
+    leaving out those below floor."""
+    used = {k: (b[k] - a.get(k, 0.0)) / seconds for k in b}
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= floor}
+
+
 def proc_cpu_split(pid: int) -> tuple[float, float] | None:
     """(utime, stime) of a process in seconds."""
     st = proc_stat(Path(f"/proc/{pid}"))
@@ -984,8 +992,9 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
         else:
             cons = {"records": None, "consumer_ms": None, "broker_timestamp_ms": None,
                     "consumer_ms_by_minute": []}
-        rows = int(db.one(f"SELECT count(*) FROM public.{table} "
-                          f"WHERE aggregate_type = '{atype}' OR starts_with(aggregate_type, '{atype}_')"))
+        rows, topics_written = (int(n) for n in db.one(
+            f"SELECT count(*), count(DISTINCT aggregate_type) FROM public.{table} "
+            f"WHERE aggregate_type = '{atype}' OR starts_with(aggregate_type, '{atype}_')").split("|"))
         pg_lat = re.search(r"latency average = ([\d.]+) ms", pgb.stdout)
         lag = re.search(r"rate limit schedule lag: avg ([\d.]+)", pgb.stdout)
         hist = histogram_percentiles(histogram(before, "outbox_relay_delivery_latency_seconds"),
@@ -1006,16 +1015,11 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
         pg_minutes = [float(m) for m in re.findall(r"progress: [\d.]+ s, [\d.]+ tps, lat ([\d.]+) ms", pg_err)]
         pg_lag_minutes = [float(m) for m in re.findall(r"progress: [\d.]+ s, .*? lag ([\d.]+) ms", pg_err)]
         # Cores used per command name per minute: what takes more CPU as a run goes on?
-        cores_by_minute = []
-        for (t0, a), (t1, b) in zip(cpu_marks, cpu_marks[1:]):
-            used = {k: (b[k] - a.get(k, 0.0)) / (t1 - t0) for k in b}
-            cores_by_minute.append({k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
-                                    if v >= 0.01})
-        relay_threads_by_minute = []
-        for (t0, _), (t1, _), a, b in zip(cpu_marks, cpu_marks[1:], thread_marks, thread_marks[1:]):
-            used = {k: (b[k] - a.get(k, 0.0)) / (t1 - t0) for k in b}
-            relay_threads_by_minute.append({k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])
-                                            if v >= 0.005})
+        cores_by_minute = [cores_between(a, b, t1 - t0, 0.01)
+                           for (t0, a), (t1, b) in zip(cpu_marks, cpu_marks[1:])]
+        relay_threads_by_minute = [
+            cores_between(a, b, t1 - t0, 0.005)
+            for (t0, _), (t1, _), a, b in zip(cpu_marks, cpu_marks[1:], thread_marks, thread_marks[1:])]
         res = {
             "cores_by_command_by_minute": cores_by_minute,
             "relay_cores_by_thread_by_minute": relay_threads_by_minute,
@@ -1027,8 +1031,7 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
             "relay_lag_bytes_by_minute": [sc.get("outbox_relay_replication_lag_bytes") for sc in scrapes[1:]],
             "target_rate": rate,
             "topic_seconds": window or None,
-            "topics_written": int(db.one(f"SELECT count(DISTINCT aggregate_type) FROM public.{table} "
-                                         f"WHERE aggregate_type = '{atype}' OR starts_with(aggregate_type, '{atype}_')")),
+            "topics_written": topics_written,
             "seconds": duration,
             "events": rows,
             "achieved_rate": rows / duration,
@@ -1043,8 +1046,7 @@ def run_live(ctx, *, name: str = "live", brokers: str | None = None, rates: list
             # The relay's own view of the broker (librdkafka statistics, last 10 s).
             "broker_rtt_gauge": {k: v for k, v in after.items() if k.startswith("outbox_relay_broker_rtt_seconds")},
             "consumer_missed_records": rows - cons["records"] if cons["records"] is not None else None,
-            "relay_cores_by_thread": {k: round((v - threads0.get(k, 0.0)) / duration, 3)
-                                      for k, v in sorted(threads1.items(), key=lambda kv: -kv[1])},
+            "relay_cores_by_thread": cores_between(threads0, threads1, duration),
             **load,
         }
         for i, cores in enumerate(cores_by_minute):

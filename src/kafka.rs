@@ -229,14 +229,11 @@ fn record_broker_rtt(metrics: &Metrics, report: &StatsReport) {
         }
         // Past the histogram's range the percentiles stop growing: use the
         // maximum, so a very slow broker never reads as a fast one.
-        let beyond = |p: i64| {
-            if rtt.outofrange > 0 && p == 0 {
-                rtt.max
-            } else {
-                p
-            }
+        let p50 = if rtt.outofrange > 0 && rtt.p50 == 0 {
+            rtt.max
+        } else {
+            rtt.p50
         };
-        let p50 = beyond(rtt.p50);
         let p99 = if rtt.outofrange > 0 { rtt.max } else { rtt.p99 };
         for (stat, micros) in [("p50", p50), ("p99", p99)] {
             metrics
