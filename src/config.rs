@@ -12,7 +12,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod replay;
-use crate::transport::{PgTarget, Tls};
+use crate::transport::PgTarget;
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 
 /// Environment variable that overrides `postgres.url` (keeps the password out of the file).
@@ -88,6 +88,12 @@ pub struct PostgresConfig {
     /// Default `false`: a missing slot is then a fatal error.
     #[serde(default)]
     pub recreate_missing_slot: bool,
+    /// Whether the relay creates its slot as a failover slot, which PostgreSQL 17+
+    /// copies to standbys running with `sync_replication_slots = on`, so a
+    /// promoted standby has it: `auto` (default: on 17 and later), `on` (an
+    /// error below 17), `off`. On 17+ an existing slot is switched to match.
+    #[serde(default)]
+    pub failover_slot: FailoverSlot,
     /// Interval between standby status updates, in milliseconds. Default 1000.
     /// Keep it well below the server's `wal_sender_timeout`.
     #[serde(default = "default_status_interval_ms")]
@@ -117,6 +123,19 @@ pub struct OutboxConfig {
     /// Topic of dead-lettered rows. Default `outbox.dead_letter`.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+}
+
+/// `postgres.failover_slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverSlot {
+    /// A failover slot where the server supports it (PostgreSQL 17+).
+    #[default]
+    Auto,
+    /// A failover slot, or an error below PostgreSQL 17.
+    On,
+    /// An ordinary slot.
+    Off,
 }
 
 /// The policy for rows that cannot become records.
@@ -591,14 +610,13 @@ impl Config {
                 hint: format!("set it in the config file or in {ENV_POSTGRES_URL}"),
             })?;
         let (rest, tls_params) =
-            crate::transport::split_tls_params(url).map_err(|m| invalid("postgres.url", m))?;
+            crate::transport::split_params(url).map_err(|m| invalid("postgres.url", m))?;
         let mut cfg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             invalid(
                 "postgres.url",
                 format!("is not a valid libpq URL or key=value connection string ({e}); example: postgresql://relay@127.0.0.1:5432/app"),
             )
         })?;
-        let tls = Tls::from_params(&tls_params).map_err(|m| invalid("postgres.url", m))?;
         if cfg.get_hosts().is_empty() {
             cfg.host("localhost");
         }
@@ -612,13 +630,12 @@ impl Config {
             let user = cfg.get_user().unwrap_or("postgres").to_string();
             cfg.dbname(&user);
         }
-        // TLS is set up by `transport` for both connections, per `tls`.
-        cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
         cfg.application_name("outbox-relay");
         if let Some(file) = &self.postgres.password_file {
             cfg.password(read_secret(file)?);
         }
-        Ok(PgTarget { config: cfg, tls })
+        // TLS is set up by `transport` for both connections, per the TLS parameters.
+        PgTarget::new(cfg, &tls_params).map_err(|m| invalid("postgres.url", m))
     }
 
     pub fn table(&self) -> Result<TableName, ConfigError> {

@@ -10,6 +10,7 @@
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
 //! - [`kafka`]: the producer and its delivery reports.
 //! - [`ack`]: which LSN may be confirmed.
+//! - [`server`]: the server's version, primary or standby, and the settings failover depends on.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL.
 //! - [`admin`]: the `init` and `status` commands: checks, what they create, print and exit with.
 //! - [`metrics`]: Prometheus metrics and the health state.
@@ -30,6 +31,7 @@ pub mod outbox;
 pub mod pgoutput;
 pub mod relay;
 pub mod replication;
+pub mod server;
 pub mod setup;
 pub mod sink;
 pub mod state;

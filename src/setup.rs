@@ -12,7 +12,8 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::{quote_ident, quote_literal, Config, TableName};
 use crate::lsn::Lsn;
 use crate::outbox::MappingError;
-use crate::transport::{self, ConnectError, PgTarget};
+use crate::server::Server;
+use crate::transport::{self, ConnectError, HostOutcome, PgTarget, ServerState};
 
 /// `sql/001_outbox.sql`, the outbox table as shipped (named `public.outbox`).
 pub const OUTBOX_SQL: &str = include_str!("../sql/001_outbox.sql");
@@ -43,10 +44,35 @@ pub enum SetupError {
     NoPublication { name: String, table: TableName },
     #[error("publication {name:?} does not include table \"{table}\"; run ALTER PUBLICATION {} ADD TABLE {};", quote_ident(.name), .table.quoted())]
     PublicationMissesTable { name: String, table: TableName },
-    #[error("replication slot {name:?} does not exist and postgres.create_missing is false; run SELECT pg_create_logical_replication_slot('{name}', 'pgoutput');")]
-    NoSlot { name: String },
-    #[error("replication slot {name:?} is missing but its publication exists: the slot was dropped or lost, so events committed since its last confirmed position may be missing from Kafka; check the outbox table against Kafka, then create a new slot with `outbox-relay init` (or set postgres.recreate_missing_slot = true to let the relay do it)")]
-    SlotMissing { name: String },
+    #[error("replication slot {name:?} does not exist and postgres.create_missing is false; run {};", create_slot_sql(.name, *.failover))]
+    NoSlot { name: String, failover: bool },
+    #[error("replication slot {name:?} is missing but its publication exists: the slot was dropped or lost, or this server was promoted from a standby that had no copy of it (PostgreSQL 16 and older keep logical slots on the primary only; on 17 and later use a failover slot, postgres.failover_slot); {}", missing_slot_advice(.at_risk))]
+    SlotMissing {
+        name: String,
+        /// What the relay's checkpoint says was acknowledged last, if anything.
+        at_risk: Option<AtRisk>,
+    },
+    #[error("PostgreSQL {} is not supported; outbox-relay needs PostgreSQL 14 or later: upgrade the server or point postgres.url at one", crate::server::version_text(*.version_num))]
+    TooOld { version_num: i32 },
+    #[error("postgres.failover_slot = \"on\" needs PostgreSQL 17 or later (this server is {}); set it to \"auto\" or \"off\", and see the README's failover section for what a failover costs before 17", crate::server::version_text(*.version_num))]
+    FailoverNeeds17 { version_num: i32 },
+    #[error("postgres.url reaches a standby in recovery, and logical decoding on a standby needs PostgreSQL 16 or later (this server is {}); point postgres.url at the primary, or add target_session_attrs=read-write to it so the relay picks the primary of several hosts", crate::server::version_text(*.version_num))]
+    StandbyNeeds16 { version_num: i32 },
+    #[error("postgres.url reaches a standby with hot_standby_feedback = off: the primary would remove rows the slot still needs and PostgreSQL would invalidate the slot; run ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf(); on the standby, or point postgres.url at the primary")]
+    NoHotStandbyFeedback,
+    /// A failover slot copied to a standby that is not promoted yet: retried.
+    #[error("replication slot {name:?} on this server is a copy synchronized from the primary (synced = true), and this server is still a standby; waiting until it is promoted or postgres.url reaches the primary (add target_session_attrs=read-write to a multi-host postgres.url to follow the primary)")]
+    SlotSynced { name: String },
+    #[error("replication slot {name:?} was invalidated ({reason}): PostgreSQL can no longer decode changes from it, so events committed since its last confirmed position may be missing from Kafka; check the outbox table for rows not in Kafka, then run SELECT pg_drop_replication_slot({}); and `outbox-relay init` to create a new slot", quote_literal(.name))]
+    SlotInvalidated { name: String, reason: String },
+    #[error("publication {name:?} does not exist, and this server is a standby where it cannot be created; run CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{}); on the primary (or `outbox-relay init` against the primary)", quote_ident(.name), .table.quoted(), if *.partitioned { ", publish_via_partition_root = true" } else { "" })]
+    NoPublicationOnStandby {
+        name: String,
+        table: TableName,
+        partitioned: bool,
+    },
+    #[error("table \"{table}\" is partitioned and publication {name:?} publishes its partitions under their own names; run ALTER PUBLICATION {} SET (publish_via_partition_root = true); so rows arrive as rows of \"{table}\" and partitions added later are included", quote_ident(.name))]
+    NotViaRoot { name: String, table: TableName },
     #[error("replication slot {name:?} uses plugin {plugin:?} (database {database:?}); the relay needs a pgoutput slot in database {expected_db:?}: use another slot name or drop it")]
     WrongSlot {
         name: String,
@@ -106,6 +132,29 @@ pub enum SetupError {
     NoStatePrivileges { schema: String, role_sql: String },
 }
 
+/// What the relay's last checkpoint says about a slot that is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AtRisk {
+    /// Everything up to this commit end LSN reached the broker.
+    pub acked: Lsn,
+    /// When it was acknowledged (`created_at` of later rows is after it).
+    pub acked_at: String,
+    /// The server's WAL position now: the range at risk ends here.
+    pub current: Lsn,
+}
+
+/// Which events may be missing when the slot is gone, and how to recover.
+fn missing_slot_advice(at_risk: &Option<AtRisk>) -> String {
+    let recover = "create a new slot with `outbox-relay init` (or set postgres.recreate_missing_slot = true to let the relay do it), then send the rows at risk again (README, \"Failover\": re-insert them in one transaction; consumers deduplicate on the id header)";
+    match at_risk {
+        Some(r) => format!(
+            "events committed after LSN {} (the relay's last checkpoint, acknowledged at {}) up to {} may be missing from Kafka: rows with created_at at or after {}; {recover}",
+            r.acked, r.acked_at, r.current, r.acked_at
+        ),
+        None => format!("events committed since its last confirmed position may be missing from Kafka (the relay stored no checkpoint to narrow that down); check the outbox table against Kafka, then {recover}"),
+    }
+}
+
 /// What a lost (invalidated) slot means and how to recover; also said when the
 /// server reports the invalidation on the replication connection.
 pub fn lost_slot_advice(slot: &str) -> String {
@@ -161,6 +210,12 @@ fn redact(e: &tokio_postgres::Error) -> String {
     }
 }
 
+impl From<ConnectError> for SetupError {
+    fn from(e: ConnectError) -> Self {
+        SetupError::Transport(e)
+    }
+}
+
 impl SetupError {
     /// Problems a restart cannot fix: the user must act.
     pub fn is_permanent(&self) -> bool {
@@ -172,6 +227,7 @@ impl SetupError {
                 })
             }
             SetupError::Transport(e) => e.is_permanent(),
+            SetupError::SlotSynced { .. } => false,
             _ => true,
         }
     }
@@ -186,27 +242,64 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
     /// [`prepare`] created the slot just now.
     pub created: bool,
+    /// 17+: a failover slot (copied to standbys with `sync_replication_slots`).
+    pub failover: Option<bool>,
+    /// 17+, on a standby: a copy synchronized from the primary.
+    pub synced: Option<bool>,
+    /// 16+: invalidated by a recovery conflict (on a standby).
+    pub conflicting: Option<bool>,
+    /// 17+: why the slot was invalidated, if it was.
+    pub invalidation_reason: Option<String>,
+    /// 17+: since when no walsender has used the slot.
+    pub inactive_since: Option<String>,
+    /// The session must switch the slot's failover property to this value
+    /// (`ALTER_REPLICATION_SLOT`, on the replication connection) before streaming.
+    pub set_failover: Option<bool>,
+}
+
+impl SlotState {
+    /// Why PostgreSQL can no longer decode from the slot, if it cannot.
+    pub fn invalidated(&self) -> Option<String> {
+        if let Some(r) = &self.invalidation_reason {
+            return Some(format!("invalidation_reason = {r}"));
+        }
+        if self.conflicting == Some(true) {
+            return Some("conflicting = true: a recovery conflict on this standby".into());
+        }
+        None
+    }
 }
 
 /// Opens an SQL connection over the same kind of stream as the replication
 /// connection (`transport`: socket and TLS per `sslmode`); the connection task
 /// runs in the background.
 pub async fn sql_connect(target: &PgTarget) -> Result<Client, SetupError> {
-    let stream = transport::open(target)
-        .await
-        .map_err(SetupError::Transport)?;
-    // TLS, if any, is already in place: tokio-postgres's own sslmode is disable.
-    let (client, conn) = target
-        .config
-        .connect_raw(stream, NoTls)
-        .await
-        .map_err(SetupError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %redact(&e), "SQL connection closed");
+    transport::connect_any(target, |stream| async move {
+        // TLS, if any, is already in place: tokio-postgres's own sslmode is disable.
+        match target.config.connect_raw(stream, NoTls).await {
+            Ok((client, conn)) => {
+                let state = ServerState::from_parameters(
+                    conn.parameter("in_hot_standby"),
+                    conn.parameter("default_transaction_read_only"),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %redact(&e), "SQL connection closed");
+                    }
+                });
+                HostOutcome::Connected(client, state)
+            }
+            Err(e) => {
+                let e = SetupError::Connect(e);
+                if e.is_permanent() {
+                    HostOutcome::Fail(e)
+                } else {
+                    HostOutcome::Next(e)
+                }
+            }
         }
-    });
-    Ok(client)
+    })
+    .await
 }
 
 pub(crate) fn q(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
@@ -288,43 +381,59 @@ pub async fn read_role(client: &Client) -> Result<Role, SetupError> {
     })
 }
 
-/// Checks the server and role, creates what is missing, and returns the slot's state.
+/// Checks the server and role, creates what is missing, and returns the
+/// server and the slot's state.
 ///
 /// The slot is created only on a first run, when this call also created the
 /// publication (or with `postgres.recreate_missing_slot`). A missing slot next to
-/// an existing publication means the slot was dropped or lost, and creating a
-/// new one would silently skip every event committed since: that is an error.
+/// an existing publication means the slot was dropped or lost, or the server was
+/// promoted from a standby without a copy of it, and creating a new one would
+/// silently skip every event committed since: that is an error. On a standby
+/// the relay never creates the slot itself (`init` does).
 /// `first_session` is false once this process has streamed from the slot.
 pub async fn prepare(
     client: &Client,
     cfg: &Config,
     first_session: bool,
-) -> Result<SlotState, SetupError> {
-    let (role, publication_created) = prepare_publication(client, cfg).await?;
-    let may_create = cfg.postgres.recreate_missing_slot || (first_session && publication_created);
-    ensure_slot(client, cfg, &role.database, may_create).await
+) -> Result<(Server, SlotState), SetupError> {
+    let (server, role, publication_created) = prepare_publication(client, cfg).await?;
+    let may_create = !server.in_recovery
+        && (cfg.postgres.recreate_missing_slot || (first_session && publication_created));
+    let slot = ensure_slot(client, cfg, &server, &role.database, may_create).await?;
+    Ok((server, slot))
 }
 
 /// The checks of [`prepare`] and the publication, without the slot (for a
-/// temporary slot). Returns the role and whether the publication was created.
+/// temporary slot). Returns the server, the role and whether the publication was created.
 pub async fn prepare_publication(
     client: &Client,
     cfg: &Config,
-) -> Result<(Role, bool), SetupError> {
+) -> Result<(Server, Role, bool), SetupError> {
     let table = cfg.table().expect("validated");
+    let server = Server::read(client).await?;
+    server.check_supported()?;
+    server.check_standby()?;
+    server.failover_slot(cfg.postgres.failover_slot)?;
     check_wal_level(client).await?;
     let role = read_role(client).await?;
     role.check_replication()?;
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+    let Some(partitioned) = table_kind(client, &table).await? else {
+        return Err(SetupError::NoTable { table });
+    };
+    let created = ensure_publication(client, cfg, &server, &table, partitioned).await?;
+    Ok((server, role, created))
+}
+
+/// `Some(partitioned)` if the table exists.
+pub async fn table_kind(client: &Client, table: &TableName) -> Result<Option<bool>, SetupError> {
+    Ok(client
+        .query_opt(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
         .await
         .map_err(q("looking up the outbox table"))?
-        .get(0);
-    if !exists {
-        return Err(SetupError::NoTable { table });
-    }
-    let created = ensure_publication(client, cfg, &table).await?;
-    Ok((role, created))
+        .map(|r| r.get(0)))
 }
 
 /// `CREATE TABLE IF NOT EXISTS` of `sql/001_outbox.sql` for `table`, on one line, without `;`.
@@ -358,55 +467,91 @@ fn outbox_sql_one_line() -> String {
         .to_string()
 }
 
-/// `CREATE PUBLICATION` for the relay (inserts only), without `;`.
-pub fn create_publication_sql(publication: &str, table: &TableName) -> String {
+/// `CREATE PUBLICATION` for the relay (inserts only), without `;`. A
+/// partitioned table is published through its root: rows of every partition,
+/// present and future, arrive as rows of the table itself.
+pub fn create_publication_sql(publication: &str, table: &TableName, partitioned: bool) -> String {
     format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{})",
         quote_ident(publication),
-        table.quoted()
+        table.quoted(),
+        if partitioned {
+            ", publish_via_partition_root = true"
+        } else {
+            ""
+        }
     )
 }
 
-/// Creates the pgoutput slot, without `;`.
-pub fn create_slot_sql(slot: &str) -> String {
-    format!(
-        "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
-        quote_literal(slot)
-    )
+/// Creates the pgoutput slot, without `;`; a failover slot when `failover`
+/// (the five-argument form exists from PostgreSQL 17 on).
+pub fn create_slot_sql(slot: &str, failover: bool) -> String {
+    if failover {
+        format!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)",
+            quote_literal(slot)
+        )
+    } else {
+        format!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+            quote_literal(slot)
+        )
+    }
 }
 
 /// Creates the publication if missing; returns whether this call created it.
 async fn ensure_publication(
     client: &Client,
     cfg: &Config,
+    server: &Server,
     table: &TableName,
+    partitioned: bool,
 ) -> Result<bool, SetupError> {
     let name = &cfg.postgres.publication;
     let found = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name])
+        .query_opt(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[name],
+        )
         .await
         .map_err(q("looking up the publication"))?;
     let mut created = false;
-    if found.is_none() {
-        if !cfg.postgres.create_missing {
+    match found {
+        Some(row) if partitioned && !row.get::<_, bool>(0) => {
+            return Err(SetupError::NotViaRoot {
+                name: name.clone(),
+                table: table.clone(),
+            })
+        }
+        Some(_) => {}
+        None if server.in_recovery => {
+            return Err(SetupError::NoPublicationOnStandby {
+                name: name.clone(),
+                table: table.clone(),
+                partitioned,
+            })
+        }
+        None if !cfg.postgres.create_missing => {
             return Err(SetupError::NoPublication {
                 name: name.clone(),
                 table: table.clone(),
-            });
+            })
         }
-        let sql = create_publication_sql(name, table);
-        match client.batch_execute(&sql).await {
-            Ok(()) => {
-                created = true;
-                tracing::info!(publication = %name, table = %table, "created publication")
-            }
-            // Another relay instance created it at the same moment.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-            Err(source) => {
-                return Err(SetupError::Query {
-                    context: "creating the publication",
-                    source,
-                })
+        None => {
+            let sql = create_publication_sql(name, table, partitioned);
+            match client.batch_execute(&sql).await {
+                Ok(()) => {
+                    created = true;
+                    tracing::info!(publication = %name, table = %table, partitioned, "created publication")
+                }
+                // Another relay instance created it at the same moment.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+                Err(source) => {
+                    return Err(SetupError::Query {
+                        context: "creating the publication",
+                        source,
+                    })
+                }
             }
         }
     }
@@ -427,14 +572,19 @@ async fn ensure_publication(
 }
 
 /// Reads the slot; `None` if it does not exist.
+/// Without `server`, the columns of later versions read as `NULL`.
 pub async fn slot_state(
     client: &Client,
+    server: Option<&Server>,
     slot: &str,
 ) -> Result<Option<(SlotState, String, String)>, SetupError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, restart_lsn::text, wal_status, active_pid
-             FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, restart_lsn::text, wal_status, active_pid, {}
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                server.map_or(crate::server::NO_SLOT_COLUMNS, Server::slot_columns)
+            ),
             &[&slot],
         )
         .await
@@ -446,6 +596,12 @@ pub async fn slot_state(
             wal_status: r.get(4),
             active_pid: r.get(5),
             created: false,
+            failover: r.get(6),
+            synced: r.get(7),
+            conflicting: r.get(8),
+            invalidation_reason: r.get(9),
+            inactive_since: r.get(10),
+            set_failover: None,
         };
         (
             state,
@@ -455,42 +611,73 @@ pub async fn slot_state(
     }))
 }
 
+/// What the relay's checkpoint says about a slot that is gone (`None` without
+/// state tables or a checkpoint).
+async fn at_risk(client: &Client, cfg: &Config) -> Option<AtRisk> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT acked_lsn::text, acked_at::text, {CURRENT_WAL_SQL} FROM {}.checkpoint WHERE slot_name = $1",
+                quote_ident(&cfg.checkpoint.schema)
+            ),
+            &[&cfg.postgres.slot],
+        )
+        .await
+        .ok()??;
+    Some(AtRisk {
+        acked: parse_lsn(row.get(0)),
+        acked_at: row.get(1),
+        current: parse_lsn(row.get(2)),
+    })
+}
+
 async fn ensure_slot(
     client: &Client,
     cfg: &Config,
+    server: &Server,
     database: &str,
     may_create: bool,
 ) -> Result<SlotState, SetupError> {
     let name = &cfg.postgres.slot;
+    let failover = server.failover_slot(cfg.postgres.failover_slot)?;
     let mut created = false;
-    if slot_state(client, name).await?.is_none() {
+    if slot_state(client, Some(server), name).await?.is_none() {
         if !cfg.postgres.create_missing {
-            return Err(SetupError::NoSlot { name: name.clone() });
+            return Err(SetupError::NoSlot {
+                name: name.clone(),
+                failover,
+            });
         }
         if !may_create {
             // Another instance may have created the publication a moment ago and be
             // creating the slot now: give it a few seconds before calling the slot lost.
             for _ in 0..10 {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                if slot_state(client, name).await?.is_some() {
-                    return Box::pin(ensure_slot(client, cfg, database, false)).await;
+                if slot_state(client, Some(server), name).await?.is_some() {
+                    return Box::pin(ensure_slot(client, cfg, server, database, false)).await;
                 }
             }
-            return Err(SetupError::SlotMissing { name: name.clone() });
+            return Err(SetupError::SlotMissing {
+                name: name.clone(),
+                at_risk: at_risk(client, cfg).await,
+            });
         }
         if cfg.postgres.recreate_missing_slot {
             tracing::warn!(slot = %name, "creating a missing replication slot (postgres.recreate_missing_slot): events committed while it was missing are not relayed");
         }
         match client
             .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[name],
+                &format!(
+                    "SELECT lsn::text FROM ({}) s",
+                    create_slot_sql(name, failover)
+                ),
+                &[],
             )
             .await
         {
             Ok(row) => {
                 created = true;
-                tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), "created replication slot")
+                tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), failover, "created replication slot")
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
             Err(source) => {
@@ -501,9 +688,12 @@ async fn ensure_slot(
             }
         }
     }
-    let (state, plugin, db) = slot_state(client, name)
+    let (state, plugin, db) = slot_state(client, Some(server), name)
         .await?
-        .ok_or_else(|| SetupError::NoSlot { name: name.clone() })?;
+        .ok_or_else(|| SetupError::NoSlot {
+            name: name.clone(),
+            failover,
+        })?;
     if plugin != "pgoutput" || db != database {
         return Err(SetupError::WrongSlot {
             name: name.clone(),
@@ -515,7 +705,23 @@ async fn ensure_slot(
     if state.wal_status.as_deref() == Some("lost") {
         return Err(SetupError::SlotLost { name: name.clone() });
     }
-    Ok(SlotState { created, ..state })
+    if let Some(reason) = state.invalidated() {
+        return Err(SetupError::SlotInvalidated {
+            name: name.clone(),
+            reason,
+        });
+    }
+    if server.in_recovery && state.synced == Some(true) {
+        return Err(SetupError::SlotSynced { name: name.clone() });
+    }
+    let set_failover =
+        (server.has_failover_slots() && !server.in_recovery && state.failover != Some(failover))
+            .then_some(failover);
+    Ok(SlotState {
+        created,
+        set_failover,
+        ..state
+    })
 }
 
 /// The server's WAL position: `pg_current_wal_lsn()`, or on a standby the last replayed position.
@@ -673,12 +879,20 @@ mod tests {
     #[test]
     fn publication_and_slot_statements_quote_names() {
         assert_eq!(
-            create_publication_sql("outbox_relay", &table("public", "outbox")),
+            create_publication_sql("outbox_relay", &table("public", "outbox"), false),
             r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "public"."outbox" WITH (publish = 'insert')"#
         );
         assert_eq!(
-            create_slot_sql("outbox_relay"),
+            create_publication_sql("outbox_relay", &table("app", "Events"), true),
+            r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "app"."Events" WITH (publish = 'insert', publish_via_partition_root = true)"#
+        );
+        assert_eq!(
+            create_slot_sql("outbox_relay", false),
             "SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')"
+        );
+        assert_eq!(
+            create_slot_sql("o'r", true),
+            "SELECT pg_create_logical_replication_slot('o''r', 'pgoutput', false, false, true)"
         );
     }
 

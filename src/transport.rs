@@ -23,7 +23,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_openssl::SslStream;
 use tokio_postgres::config::Host;
 
-pub use conninfo::{split_tls_params, TlsParams};
+pub use conninfo::{split_params, LibpqParams};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,7 +138,7 @@ impl Tls {
 
     /// Builds the settings from the connection string's parameters; reads the
     /// `sslrootcert` file now, so a bad file is a configuration error.
-    pub fn from_params(p: &TlsParams) -> Result<Tls, String> {
+    pub fn from_params(p: &LibpqParams) -> Result<Tls, String> {
         let requested = match &p.sslmode {
             Some(m) => m.parse()?,
             None => SslMode::Prefer,
@@ -219,25 +219,160 @@ fn build_connector(mode: SslMode, root: &RootCert) -> Result<SslConnector, Strin
     Ok(b.build())
 }
 
+/// libpq's `target_session_attrs`: which kind of server a connection must
+/// reach. With several hosts (`host=a,b`), each is tried in turn and the first
+/// of the right kind is kept: after a failover the relay follows the new primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionAttrs {
+    /// Any server (the default).
+    #[default]
+    Any,
+    /// Not in hot standby and not `default_transaction_read_only`.
+    ReadWrite,
+    /// In hot standby, or `default_transaction_read_only`.
+    ReadOnly,
+    /// Not in hot standby.
+    Primary,
+    /// In hot standby.
+    Standby,
+    /// A standby if one of the hosts is one, else any server.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// Whether a server in this state is acceptable (for `PreferStandby`: at all).
+    pub fn accepts(self, server: ServerState) -> bool {
+        match self {
+            SessionAttrs::Any | SessionAttrs::PreferStandby => true,
+            SessionAttrs::ReadWrite => !server.hot_standby && !server.read_only,
+            SessionAttrs::ReadOnly => server.hot_standby || server.read_only,
+            SessionAttrs::Primary => !server.hot_standby,
+            SessionAttrs::Standby => server.hot_standby,
+        }
+    }
+}
+
+impl FromStr for SessionAttrs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "read-only" => SessionAttrs::ReadOnly,
+            "primary" => SessionAttrs::Primary,
+            "standby" => SessionAttrs::Standby,
+            "prefer-standby" => SessionAttrs::PreferStandby,
+            other => return Err(format!("target_session_attrs={other:?} is not one of any, read-write, read-only, primary, standby, prefer-standby")),
+        })
+    }
+}
+
+/// What a server said about itself at startup (`ParameterStatus`, reported by
+/// PostgreSQL 14 and later on both kinds of connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerState {
+    /// `in_hot_standby = on`: a standby in recovery.
+    pub hot_standby: bool,
+    /// `default_transaction_read_only = on`.
+    pub read_only: bool,
+}
+
+impl ServerState {
+    /// From the `ParameterStatus` values (`None` when the server did not report one).
+    pub fn from_parameters(in_hot_standby: Option<&str>, read_only: Option<&str>) -> ServerState {
+        ServerState {
+            hot_standby: in_hot_standby == Some("on"),
+            read_only: read_only == Some("on"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match (self.hot_standby, self.read_only) {
+            (true, _) => "a standby (in_hot_standby = on)",
+            (false, true) => "read-only (default_transaction_read_only = on)",
+            (false, false) => "a read-write primary",
+        }
+    }
+}
+
 /// Where and how to reach PostgreSQL: the parsed connection string (its own
-/// `ssl_mode` always `Disable`: TLS is set up here) and the TLS settings.
+/// `ssl_mode` always `Disable`: TLS is set up here), the TLS settings and which
+/// kind of server to keep.
 #[derive(Debug, Clone)]
 pub struct PgTarget {
     pub config: tokio_postgres::Config,
     pub tls: Tls,
+    pub session_attrs: SessionAttrs,
 }
 
 impl PgTarget {
     /// Parses a libpq URL or key=value string including its TLS parameters.
     /// Errors never contain the string itself.
     pub fn parse(conninfo: &str) -> Result<PgTarget, String> {
-        let (rest, params) = split_tls_params(conninfo)?;
-        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| e.to_string())?;
+        let (rest, params) = split_params(conninfo)?;
+        let config = tokio_postgres::Config::from_str(&rest).map_err(|e| e.to_string())?;
+        PgTarget::new(config, &params)
+    }
+
+    /// Checks what libpq checks of several hosts and builds the target.
+    pub fn new(
+        mut config: tokio_postgres::Config,
+        params: &LibpqParams,
+    ) -> Result<PgTarget, String> {
+        let (hosts, ports) = (config.get_hosts().len(), config.get_ports().len());
+        if ports > 1 && ports != hosts {
+            return Err(format!(
+                "names {hosts} host(s) but {ports} ports; give one port for all hosts or one per host, in the same order (host=a,b port=5432,5433)"
+            ));
+        }
+        let hostaddrs = config.get_hostaddrs().len();
+        if hostaddrs > 0 && hostaddrs != hosts {
+            return Err(format!(
+                "names {hosts} host(s) but {hostaddrs} hostaddr(s); give one hostaddr per host or none"
+            ));
+        }
         config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let session_attrs = match &params.target_session_attrs {
+            Some(s) => s.parse()?,
+            None => SessionAttrs::Any,
+        };
         Ok(PgTarget {
             config,
-            tls: Tls::from_params(&params)?,
+            tls: Tls::from_params(params)?,
+            session_attrs,
         })
+    }
+
+    /// `host:port` (or the socket path) of each host, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        (0..self.config.get_hosts().len())
+            .map(|i| self.address(i).1)
+            .collect()
+    }
+
+    fn address(&self, i: usize) -> (&Host, String, u16) {
+        let cfg = &self.config;
+        let ports = cfg.get_ports();
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let host = &cfg.get_hosts()[i];
+        let addr = match host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{port}"),
+            Host::Tcp(h) => format!("{h}:{port}"),
+            Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+        };
+        (host, addr, port)
     }
 }
 
@@ -253,6 +388,13 @@ pub enum ConnectError {
     Timeout(Duration, String),
     #[error("the connection string names no host")]
     NoHost,
+    /// Every host answered, none of the kind `target_session_attrs` asks for
+    /// (during a failover, before a standby is promoted): retried.
+    #[error("no host in postgres.url could be used with target_session_attrs={wanted}: {}; the relay keeps trying (after a failover, until a standby is promoted)", .tried.join("; "))]
+    NoSuitableHost {
+        wanted: &'static str,
+        tried: Vec<String>,
+    },
     #[error("connection to PostgreSQL at {target} failed while asking for TLS: {source}")]
     SslRequest {
         target: String,
@@ -308,52 +450,115 @@ pub fn refusal_hint(code: &str, message: &str) -> Option<&'static str> {
     })
 }
 
-/// Opens a stream to the first host of `target` that answers, with TLS as its
-/// `sslmode` says. Unix sockets never use TLS (as in libpq).
-pub async fn open(target: &PgTarget) -> Result<BoxedTransport, ConnectError> {
+/// Opens a stream to host number `i` of `target`, with TLS as its `sslmode`
+/// says. Unix sockets never use TLS (as in libpq).
+pub async fn open_host(target: &PgTarget, i: usize) -> Result<BoxedTransport, ConnectError> {
     let cfg = &target.config;
     let timeout = cfg
         .get_connect_timeout()
         .copied()
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let ports = cfg.get_ports();
-    let mut last = None;
-    for (i, host) in cfg.get_hosts().iter().enumerate() {
-        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let attempt = match host {
-            Host::Tcp(h) => {
-                let addr = format!("{h}:{port}");
-                match tokio::time::timeout(timeout, TcpStream::connect(addr.clone())).await {
-                    Ok(Ok(s)) => {
-                        tune_socket(&s, cfg);
-                        secure(&target.tls, h, &addr, s).await
-                    }
-                    Ok(Err(source)) => Err(ConnectError::Connect {
-                        target: addr,
-                        source,
-                    }),
-                    Err(_) => Err(ConnectError::Timeout(timeout, addr)),
+    let (host, addr, port) = target.address(i);
+    match host {
+        Host::Tcp(h) => {
+            // hostaddr, when given, is where to connect; host stays the name TLS checks.
+            let dial = match cfg.get_hostaddrs().get(i) {
+                Some(ip) => std::net::SocketAddr::new(*ip, port).to_string(),
+                None => addr.clone(),
+            };
+            match tokio::time::timeout(timeout, TcpStream::connect(dial)).await {
+                Ok(Ok(s)) => {
+                    tune_socket(&s, cfg);
+                    secure(&target.tls, h, &addr, s).await
                 }
+                Ok(Err(source)) => Err(ConnectError::Connect {
+                    target: addr,
+                    source,
+                }),
+                Err(_) => Err(ConnectError::Timeout(timeout, addr)),
             }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let addr = path.display().to_string();
-                match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
-                    Ok(Ok(s)) => Ok(Box::new(s) as BoxedTransport),
-                    Ok(Err(source)) => Err(ConnectError::Connect {
-                        target: addr,
-                        source,
-                    }),
-                    Err(_) => Err(ConnectError::Timeout(timeout, addr)),
-                }
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
+                Ok(Ok(s)) => Ok(Box::new(s) as BoxedTransport),
+                Ok(Err(source)) => Err(ConnectError::Connect {
+                    target: addr,
+                    source,
+                }),
+                Err(_) => Err(ConnectError::Timeout(timeout, addr)),
             }
-        };
-        match attempt {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or(ConnectError::NoHost))
+}
+
+/// What one host's startup gave: a connection and the server's state, or why
+/// this host is passed over (`Next`) or the whole attempt fails (`Fail`).
+pub enum HostOutcome<C, E> {
+    Connected(C, ServerState),
+    /// This host could not be used (unreachable, starting up): try the next.
+    Next(E),
+    Fail(E),
+}
+
+/// Tries the hosts of `target` in order, as libpq does: `startup` opens and
+/// authenticates a connection over the stream to one host; the first
+/// connection to a server of the kind `target_session_attrs` asks for is
+/// returned. With one host its own error is returned; with several,
+/// [`ConnectError::NoSuitableHost`] lists what each host said.
+pub async fn connect_any<C, E, F, Fut>(target: &PgTarget, mut startup: F) -> Result<C, E>
+where
+    E: From<ConnectError> + std::fmt::Display,
+    F: FnMut(BoxedTransport) -> Fut,
+    Fut: std::future::Future<Output = HostOutcome<C, E>>,
+{
+    let wanted = target.session_attrs;
+    let mut last: Option<E> = None;
+    let mut tried = Vec::new();
+    // prefer-standby: a primary is kept in case no standby answers.
+    let mut fallback = None;
+    for i in 0..target.config.get_hosts().len() {
+        let addr = target.address(i).1;
+        let stream = match open_host(target, i).await {
+            Ok(s) => s,
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => {
+                tried.push(format!("{addr}: {e}"));
+                last = Some(e.into());
+                continue;
+            }
+        };
+        match startup(stream).await {
+            HostOutcome::Connected(c, state) => {
+                if wanted == SessionAttrs::PreferStandby && !state.hot_standby {
+                    fallback.get_or_insert(c);
+                    continue;
+                }
+                if wanted.accepts(state) {
+                    return Ok(c);
+                }
+                tracing::debug!(host = %addr, wanted = wanted.as_str(), "host is {}; trying the next", state.describe());
+                tried.push(format!("{addr} is {}", state.describe()));
+            }
+            HostOutcome::Next(e) => {
+                tried.push(format!("{addr}: {e}"));
+                last = Some(e);
+            }
+            HostOutcome::Fail(e) => return Err(e),
+        }
+    }
+    if let Some(c) = fallback {
+        return Ok(c);
+    }
+    match last {
+        Some(e) if tried.len() == 1 => Err(e),
+        _ if tried.is_empty() => Err(ConnectError::NoHost.into()),
+        _ => Err(ConnectError::NoSuitableHost {
+            wanted: wanted.as_str(),
+            tried,
+        }
+        .into()),
+    }
 }
 
 /// No Nagle delay for status updates; TCP keepalives and user timeout from the

@@ -9,11 +9,13 @@ use tokio_postgres::Client;
 use crate::config::{Config, TableName};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
+use crate::server::Server;
 use crate::setup::{self, q, Role, SetupError};
 
 /// What `init` found on the server; everything [`plan`] needs.
 #[derive(Debug, Clone)]
 pub struct Facts {
+    pub server: Server,
     pub wal_level: String,
     pub max_replication_slots: i64,
     pub slots_in_use: i64,
@@ -47,6 +49,8 @@ pub enum TableFacts {
         /// The role is (a member of) the owner, or a superuser.
         owned: bool,
         select: bool,
+        /// A partitioned table (published through its root).
+        partitioned: bool,
         columns: Vec<Column>,
     },
     Missing {
@@ -59,6 +63,8 @@ pub enum TableFacts {
 pub struct PublicationFacts {
     pub includes_table: bool,
     pub publishes_insert: bool,
+    /// `publish_via_partition_root`.
+    pub via_root: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +73,12 @@ pub struct SlotFacts {
     pub database: String,
     pub active: bool,
     pub wal_status: Option<String>,
+    /// 17+: a failover slot.
+    pub failover: Option<bool>,
+    /// 17+, on a standby: synchronized from the primary.
+    pub synced: Option<bool>,
+    /// Why PostgreSQL can no longer decode from it (conflict, ...).
+    pub invalidated: Option<String>,
 }
 
 /// One line of `init`'s output.
@@ -82,6 +94,8 @@ pub enum ItemState {
     Ok(String),
     /// Missing; this statement (one line, no `;`) creates it.
     Create(String),
+    /// Works, but is not safe in a case the text names (a failover).
+    Warn(String),
     /// The user must change something first.
     Problem(SetupError),
 }
@@ -89,6 +103,7 @@ pub enum ItemState {
 /// Reads everything `init` checks.
 pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError> {
     let table = cfg.table().expect("validated");
+    let server = Server::read(client).await?;
     let settings = client
         .query_one(
             "SELECT current_setting('wal_level'),
@@ -104,7 +119,8 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
     let found = client
         .query_opt(
             "SELECT c.oid, quote_ident(pg_get_userbyid(c.relowner)),
-                    pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT')
+                    pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT'),
+                    c.relkind = 'p'
              FROM pg_class c WHERE c.oid = to_regclass($1)",
             &[&table.quoted()],
         )
@@ -133,6 +149,7 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
                 owner_sql: row.get(1),
                 owned: row.get::<_, bool>(2) || role.superuser,
                 select: row.get(3),
+                partitioned: row.get(4),
                 columns,
             }
         }
@@ -153,7 +170,8 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
     let publication = client
         .query_opt(
             "SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t
-                 WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3)
+                 WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3),
+                    p.pubviaroot
              FROM pg_publication p WHERE p.pubname = $1",
             &[&cfg.postgres.publication, &table.schema, &table.name],
         )
@@ -162,16 +180,19 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
         .map(|r| PublicationFacts {
             publishes_insert: r.get(0),
             includes_table: r.get(1),
+            via_root: r.get(2),
         });
-    let slot =
-        setup::slot_state(client, &cfg.postgres.slot)
-            .await?
-            .map(|(state, plugin, database)| SlotFacts {
-                plugin,
-                database,
-                active: state.active_pid.is_some(),
-                wal_status: state.wal_status,
-            });
+    let slot = setup::slot_state(client, Some(&server), &cfg.postgres.slot)
+        .await?
+        .map(|(state, plugin, database)| SlotFacts {
+            plugin,
+            database,
+            active: state.active_pid.is_some(),
+            invalidated: state.invalidated(),
+            wal_status: state.wal_status,
+            failover: state.failover,
+            synced: state.synced,
+        });
     let schema = &cfg.checkpoint.schema;
     let row = client
         .query_one(
@@ -190,6 +211,7 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
         schema_exists: row.get(1),
     };
     Ok(Facts {
+        server,
         state,
         wal_level: settings.get(0),
         max_replication_slots: settings.get(1),
@@ -210,6 +232,30 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
     let role = &f.role;
     let item = |label: String, state| Item { label, state };
     let mut items = Vec::new();
+    let server = &f.server;
+    items.push(item(
+        "server".into(),
+        match server
+            .check_supported()
+            .and_then(|()| server.check_standby())
+            .and_then(|()| server.failover_slot(cfg.postgres.failover_slot).map(drop))
+        {
+            Err(e) => Problem(e),
+            Ok(()) => ItemState::Ok(format!(
+                "PostgreSQL {}, {}",
+                server.version(),
+                if server.in_recovery {
+                    "standby"
+                } else {
+                    "primary"
+                }
+            )),
+        },
+    ));
+    // Only meaningful once the version is supported.
+    let failover = server
+        .failover_slot(cfg.postgres.failover_slot)
+        .unwrap_or(false);
 
     items.push(item(
         "wal_level".into(),
@@ -257,12 +303,26 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
         },
     ));
 
+    let partitioned = matches!(
+        f.table,
+        TableFacts::Exists {
+            partitioned: true,
+            ..
+        }
+    );
     let (table_state, columns) = match &f.table {
         TableFacts::Exists {
             select, columns, ..
         } => {
             let state = if *select {
-                ItemState::Ok("exists".into())
+                ItemState::Ok(
+                    if partitioned {
+                        "exists, partitioned"
+                    } else {
+                        "exists"
+                    }
+                    .into(),
+                )
             } else {
                 Problem(SetupError::NoSelect {
                     role: role.name.clone(),
@@ -308,6 +368,10 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
     items.push(item(
         format!("publication {publication}"),
         match (&f.publication, &f.table) {
+            (Some(p), _) if partitioned && !p.via_root => Problem(SetupError::NotViaRoot {
+                name: publication.clone(),
+                table: table.clone(),
+            }),
             (Some(p), _) if !p.includes_table => Problem(SetupError::PublicationMissesTable {
                 name: publication.clone(),
                 table: table.clone(),
@@ -315,7 +379,15 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
             (Some(p), _) if !p.publishes_insert => Problem(SetupError::PublicationNoInsert {
                 name: publication.clone(),
             }),
+            (Some(_), _) if partitioned => ItemState::Ok(format!(
+                "publishes inserts of {table} and its partitions as {table}"
+            )),
             (Some(_), _) => ItemState::Ok(format!("publishes inserts of {table}")),
+            (None, _) if server.in_recovery => Problem(SetupError::NoPublicationOnStandby {
+                name: publication.clone(),
+                table: table.clone(),
+                partitioned,
+            }),
             (None, _) if !role.create_on_database && !role.superuser => {
                 Problem(SetupError::NoCreateOnDatabase {
                     role: role.name.clone(),
@@ -338,7 +410,11 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 owner_sql: owner_sql.clone(),
                 publication: publication.clone(),
             }),
-            (None, _) => Create(setup::create_publication_sql(publication, &table)),
+            (None, _) => Create(setup::create_publication_sql(
+                publication,
+                &table,
+                partitioned,
+            )),
         },
     ));
 
@@ -357,13 +433,34 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
             Some(s) if s.wal_status.as_deref() == Some("lost") => {
                 Problem(SetupError::SlotLost { name: slot.clone() })
             }
+            Some(s) if s.invalidated.is_some() => Problem(SetupError::SlotInvalidated {
+                name: slot.clone(),
+                reason: s.invalidated.clone().unwrap_or_default(),
+            }),
             Some(s) => ItemState::Ok(format!(
-                "pgoutput, {}",
-                if s.active { "active" } else { "inactive" }
+                "pgoutput, {}{}",
+                if s.active { "active" } else { "inactive" },
+                match (s.failover, s.synced) {
+                    (_, Some(true)) => ", synchronized from the primary",
+                    (Some(true), _) => ", failover",
+                    (Some(false), _) if failover =>
+                        ", not a failover slot yet (the relay switches it on start)",
+                    _ => "",
+                }
             )),
-            None => Create(setup::create_slot_sql(slot)),
+            None => Create(setup::create_slot_sql(slot, failover)),
         },
     ));
+    if !server.in_recovery {
+        let slot_failover = f.slot.as_ref().and_then(|s| s.failover).unwrap_or(failover);
+        items.push(item(
+            "failover".into(),
+            match server.failover_safety(slot, slot_failover || failover) {
+                Ok(text) => ItemState::Ok(text),
+                Err(text) => ItemState::Warn(text),
+            },
+        ));
+    }
 
     let schema = &cfg.checkpoint.schema;
     items.push(item(
@@ -431,6 +528,7 @@ pub(super) async fn run(
                     "would create".into()
                 }
                 ItemState::Problem(e) => format!("error: {e}"),
+                ItemState::Warn(w) => format!("warning: {w}"),
             };
             line(out, &i.label, &text);
         }
@@ -454,6 +552,7 @@ pub(super) async fn run(
     for i in items {
         match i.state {
             ItemState::Ok(detail) => line(out, &i.label, &format!("ok ({detail})")),
+            ItemState::Warn(w) => line(out, &i.label, &format!("warning: {w}")),
             ItemState::Problem(_) => unreachable!("no problems left"),
             ItemState::Create(sql) => match client.batch_execute(&sql).await {
                 Ok(()) => line(out, &i.label, "created"),

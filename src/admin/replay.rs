@@ -92,7 +92,7 @@ pub(super) async fn run(
         );
         return Ok(Some(2));
     }
-    let Some((slot, _, _)) = setup::slot_state(&client, slot_name).await? else {
+    let Some((slot, _, _)) = setup::slot_state(&client, None, slot_name).await? else {
         eprintln!("outbox-relay: replication slot {slot_name:?} does not exist: there is nothing to replay from; create it with `outbox-relay init`");
         return Ok(Some(2));
     };

@@ -8,7 +8,8 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::lsn::Lsn;
-use crate::setup::{self, q, SetupError, SlotReport};
+use crate::server::Server;
+use crate::setup::{self, q, SetupError, SlotReport, SlotState};
 use crate::state::{Checkpoint, StateStore};
 
 /// What `status` shows.
@@ -24,6 +25,11 @@ pub(super) struct Status {
     pub(super) publication_tables: Option<Vec<String>>,
     /// The relay's stored position (None: no state tables or nothing stored yet).
     pub(super) checkpoint: Option<Checkpoint>,
+    pub(super) server: Server,
+    /// The slot's failover and invalidation columns, if it exists.
+    pub(super) slot_state: Option<SlotState>,
+    /// Whether a failover keeps the slot (`Err`: why not, and the fix).
+    pub(super) failover: Result<String, String>,
 }
 
 /// `status --json`: one flat object; LSNs as `X/X`, byte counts as numbers.
@@ -37,6 +43,14 @@ pub(super) struct StatusJson<'a> {
     restart_lsn: Option<Lsn>,
     retained_wal_bytes: Option<u64>,
     wal_status: Option<&'a str>,
+    server_version_num: i32,
+    in_recovery: bool,
+    failover_slot: Option<bool>,
+    synced: Option<bool>,
+    invalidation: Option<String>,
+    inactive_since: Option<&'a str>,
+    failover_safe: bool,
+    failover: &'a str,
     current_wal_lsn: Lsn,
     lag_bytes: Option<u64>,
     publication: &'a str,
@@ -52,9 +66,18 @@ pub(super) struct StatusJson<'a> {
 pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupError> {
     let slot = &cfg.postgres.slot;
     let report = setup::slot_report(client, slot).await?;
-    let kind = setup::slot_state(client, slot)
-        .await?
-        .map(|(_, plugin, db)| (plugin, db));
+    let server = Server::read(client).await?;
+    let found = setup::slot_state(client, Some(&server), slot).await?;
+    let failover = server.failover_safety(
+        slot,
+        found
+            .as_ref()
+            .is_some_and(|(s, _, _)| s.failover == Some(true)),
+    );
+    let (slot_state, kind) = match found {
+        Some((state, plugin, db)) => (Some(state), Some((plugin, db))),
+        None => (None, None),
+    };
     let database: String = client
         .query_one("SELECT current_database()::text", &[])
         .await
@@ -70,6 +93,9 @@ pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupE
         None
     };
     Ok(Status {
+        server,
+        slot_state,
+        failover,
         checkpoint,
         slot: slot.clone(),
         report,
@@ -104,6 +130,15 @@ impl Status {
                 );
             }
         }
+        if let Some(reason) = self.slot_state.as_ref().and_then(SlotState::invalidated) {
+            return Some(
+                SetupError::SlotInvalidated {
+                    name: self.slot.clone(),
+                    reason,
+                }
+                .to_string(),
+            );
+        }
         if report.wal_status.as_deref() == Some("lost") {
             return Some(
                 SetupError::SlotLost {
@@ -126,6 +161,19 @@ impl Status {
             restart_lsn: r.map(|r| r.restart_lsn),
             retained_wal_bytes: r.map(|r| r.retained_wal_bytes),
             wal_status: r.and_then(|r| r.wal_status.as_deref()),
+            server_version_num: self.server.version_num,
+            in_recovery: self.server.in_recovery,
+            failover_slot: self.slot_state.as_ref().and_then(|s| s.failover),
+            synced: self.slot_state.as_ref().and_then(|s| s.synced),
+            invalidation: self.slot_state.as_ref().and_then(SlotState::invalidated),
+            inactive_since: self
+                .slot_state
+                .as_ref()
+                .and_then(|s| s.inactive_since.as_deref()),
+            failover_safe: self.failover.is_ok(),
+            failover: match &self.failover {
+                Ok(t) | Err(t) => t,
+            },
             current_wal_lsn: self.current_wal,
             lag_bytes: r.map(SlotReport::lag_bytes),
             publication: &self.publication,
@@ -206,6 +254,43 @@ impl Status {
         rows.push((
             "replay_window_age_seconds",
             self.window_age().map_or("-".into(), |a| a.to_string()),
+        ));
+        let server = &self.server;
+        rows.push((
+            "server",
+            format!(
+                "PostgreSQL {}, {}",
+                server.version(),
+                if server.in_recovery {
+                    "standby (in recovery)"
+                } else {
+                    "primary"
+                }
+            ),
+        ));
+        if let Some(st) = &self.slot_state {
+            let yes_no = |b: Option<bool>| match b {
+                Some(true) => "yes".to_string(),
+                Some(false) => "no".to_string(),
+                None => format!("- (PostgreSQL {})", server.major()),
+            };
+            rows.push(("failover_slot", yes_no(st.failover)));
+            if server.in_recovery {
+                rows.push(("synced", yes_no(st.synced)));
+            }
+            if let Some(i) = st.invalidated() {
+                rows.push(("invalidation", i));
+            }
+            if let Some(t) = &st.inactive_since {
+                rows.push(("inactive_since", t.clone()));
+            }
+        }
+        rows.push((
+            "failover",
+            match &self.failover {
+                Ok(t) => format!("ok ({t})"),
+                Err(t) => format!("unsafe: {t}"),
+            },
         ));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter()

@@ -7,6 +7,7 @@ use super::*;
 use crate::config::TableName;
 use crate::lsn::Lsn;
 use crate::pgoutput::Column;
+use crate::server::Server;
 use crate::setup::{Role, SlotReport};
 
 fn config(extra: &str) -> Config {
@@ -30,9 +31,22 @@ fn shipped_columns() -> Vec<Column> {
         .collect()
 }
 
+/// A primary of this version, without standbys.
+fn pg(version_num: i32) -> Server {
+    Server {
+        version_num,
+        in_recovery: false,
+        hot_standby_feedback: false,
+        synchronized_standby_slots: None,
+        sync_replication_slots: None,
+        physical_slots: Vec::new(),
+    }
+}
+
 /// A healthy server where nothing exists yet, connected as a REPLICATION role.
 fn fresh() -> Facts {
     Facts {
+        server: pg(150018),
         wal_level: "logical".into(),
         max_replication_slots: 10,
         slots_in_use: 2,
@@ -67,6 +81,7 @@ fn existing_table(owned: bool, select: bool) -> TableFacts {
         owner_sql: "\"app owner\"".into(),
         owned,
         select,
+        partitioned: false,
         columns: shipped_columns(),
     }
 }
@@ -79,6 +94,7 @@ fn render(items: &[Item]) -> Vec<String> {
             ItemState::Ok(_) => format!("{}: ok", i.label),
             ItemState::Create(sql) => format!("{}: create: {sql}", i.label),
             ItemState::Problem(e) => format!("{}: problem: {e}", i.label),
+            ItemState::Warn(_) => format!("{}: warning", i.label),
         })
         .collect()
 }
@@ -96,6 +112,7 @@ fn fresh_database_creates_table_publication_and_slot_in_order() {
     assert_eq!(
         render(&items),
         [
+            "server: ok",
             "wal_level: ok",
             "max_replication_slots: ok",
             "max_wal_senders: ok",
@@ -104,6 +121,7 @@ fn fresh_database_creates_table_publication_and_slot_in_order() {
             "columns: ok",
             "publication p: create: CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert')",
             "slot s: create: SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+            "failover: warning",
             &format!("state tables outbox_relay: create: {}", crate::state::state_sql("outbox_relay").join(";\n")),
         ]
     );
@@ -116,13 +134,20 @@ fn everything_in_place_is_all_ok() {
     f.publication = Some(PublicationFacts {
         includes_table: true,
         publishes_insert: true,
+        via_root: false,
     });
     f.slot = Some(SlotFacts {
         plugin: "pgoutput".into(),
         database: "app".into(),
         active: true,
         wal_status: Some("reserved".into()),
+        failover: Some(true),
+        synced: None,
+        invalidated: None,
     });
+    f.server = pg(170010);
+    f.server.physical_slots = vec!["standby1".into()];
+    f.server.synchronized_standby_slots = Some("standby1".into());
     f.state.exists = true;
     f.state.usable = true;
     // All slots and walsenders in use, but ours are among them.
@@ -253,12 +278,16 @@ fn existing_publication_or_slot_that_cannot_work_is_a_problem() {
     f.publication = Some(PublicationFacts {
         includes_table: false,
         publishes_insert: true,
+        via_root: false,
     });
     f.slot = Some(SlotFacts {
         plugin: "test_decoding".into(),
         database: "app".into(),
         active: false,
         wal_status: Some("reserved".into()),
+        failover: None,
+        synced: None,
+        invalidated: None,
     });
     let p = problems(&plan(&f, &config("")));
     assert_eq!(p.len(), 2, "{p:?}");
@@ -271,6 +300,7 @@ fn existing_publication_or_slot_that_cannot_work_is_a_problem() {
     f.publication = Some(PublicationFacts {
         includes_table: true,
         publishes_insert: false,
+        via_root: false,
     });
     f.slot.as_mut().unwrap().plugin = "pgoutput".into();
     f.slot.as_mut().unwrap().wal_status = Some("lost".into());
@@ -289,6 +319,9 @@ fn status(report: Option<SlotReport>) -> Status {
         publication: "p".into(),
         publication_tables: Some(vec!["public.outbox".into()]),
         checkpoint: None,
+        server: pg(150018),
+        slot_state: None,
+        failover: Err("PostgreSQL 15 keeps logical slots on the primary only".into()),
     }
 }
 
@@ -333,6 +366,8 @@ checkpoint_lsn             1/1800 (0s ago)
 earliest_replayable_lsn    1/1000
 replay_window_bytes        2048 (2.0 KiB)
 replay_window_age_seconds  0
+server                     PostgreSQL 15.18, primary
+failover                   unsafe: PostgreSQL 15 keeps logical slots on the primary only
 "
     );
     let json = serde_json::to_value(s.json()).unwrap();
@@ -384,4 +419,79 @@ fn byte_counts_read_well() {
     assert_eq!(bytes(1023), "1023");
     assert_eq!(bytes(1536), "1536 (1.5 KiB)");
     assert_eq!(bytes(3 << 30), "3221225472 (3.0 GiB)");
+}
+
+#[test]
+fn on_17_the_slot_is_a_failover_slot_and_a_partitioned_table_is_published_through_its_root() {
+    let mut f = fresh();
+    f.server = pg(170010);
+    f.table = existing_table(true, true);
+    if let TableFacts::Exists { partitioned, .. } = &mut f.table {
+        *partitioned = true;
+    }
+    let lines = render(&plan(&f, &config("")));
+    assert!(lines.contains(&"publication p: create: CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert', publish_via_partition_root = true)".to_string()), "{lines:?}");
+    assert!(lines.contains(&"slot s: create: SELECT pg_create_logical_replication_slot('s', 'pgoutput', false, false, true)".to_string()), "{lines:?}");
+    // No standby streams through a physical slot: not safe for a failover.
+    assert!(
+        lines.contains(&"failover: warning".to_string()),
+        "{lines:?}"
+    );
+    let lines = render(&plan(&f, &config("failover_slot = \"off\"\n")));
+    assert!(
+        lines.contains(
+            &"slot s: create: SELECT pg_create_logical_replication_slot('s', 'pgoutput')"
+                .to_string()
+        ),
+        "{lines:?}"
+    );
+
+    // An existing publication that publishes the partitions under their own names.
+    f.publication = Some(PublicationFacts {
+        includes_table: false,
+        publishes_insert: true,
+        via_root: false,
+    });
+    let p = problems(&plan(&f, &config("")));
+    assert!(
+        p[0].contains("SET (publish_via_partition_root = true);"),
+        "{p:?}"
+    );
+
+    f.server.physical_slots = vec!["standby1".into()];
+    f.server.synchronized_standby_slots = Some("standby1".into());
+    f.publication = None;
+    assert!(render(&plan(&f, &config(""))).contains(&"failover: ok".to_string()));
+}
+
+#[test]
+fn versions_and_standbys_that_cannot_work_are_problems_and_nothing_is_created() {
+    let mut f = fresh();
+    f.server = pg(130012);
+    let p = problems(&plan(&f, &config("")));
+    assert!(
+        p[0].starts_with("server: problem: PostgreSQL 13.12 is not supported"),
+        "{p:?}"
+    );
+
+    let mut f = fresh();
+    f.server = pg(160014);
+    let p = problems(&plan(&f, &config("failover_slot = \"on\"\n")));
+    assert!(
+        p[0].contains("needs PostgreSQL 17 or later (this server is 16.14)"),
+        "{p:?}"
+    );
+
+    let mut f = fresh();
+    f.server = pg(160014);
+    f.server.in_recovery = true;
+    let p = problems(&plan(&f, &config("")));
+    assert!(p[0].contains("hot_standby_feedback = off"), "{p:?}");
+    f.server.hot_standby_feedback = true;
+    f.table = existing_table(true, true);
+    let p = problems(&plan(&f, &config("")));
+    assert!(
+        p[0].contains("cannot be created; run CREATE PUBLICATION"),
+        "{p:?}"
+    );
 }

@@ -113,8 +113,23 @@ impl Session<'_> {
             };
             (temp.clone(), None, plan, None)
         } else {
-            let slot = setup::prepare(&client, cfg, self.first).await?;
-            let (plan, store) = self.plan(client, &slot).await?;
+            let (server, slot) = setup::prepare(&client, cfg, self.first).await?;
+            let (plan, store) = if server.in_recovery {
+                // A standby is read-only: no checkpoint row, no replay
+                // requests; the slot alone keeps the position.
+                if self.first {
+                    tracing::info!(version = %server.version(), "decoding on a standby: checkpoints and replay requests are not stored here (the standby is read-only); after a crash the relay resends from the slot's confirmed position");
+                }
+                (
+                    Plan {
+                        live: self.opts.replay_request.is_none(),
+                        ..Plan::default()
+                    },
+                    None,
+                )
+            } else {
+                self.plan(client, &slot).await?
+            };
             if store.is_some() {
                 self.progress
                     .send_if_modified(|p| !std::mem::replace(&mut p.ready, true));
@@ -132,6 +147,10 @@ impl Session<'_> {
         let mut conn = replication::connect(pg).await?;
         if self.opts.temporary_slot.is_some() {
             conn.create_temporary_slot(&slot_name).await?;
+        }
+        if let Some(failover) = slot.as_ref().and_then(|s| s.set_failover) {
+            conn.set_failover(&slot_name, failover).await?;
+            tracing::info!(slot = %slot_name, failover, "changed the slot's failover property (postgres.failover_slot)");
         }
         let (mut reader, mut writer) = conn
             .start_logical(&slot_name, start, &cfg.postgres.publication)

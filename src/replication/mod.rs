@@ -74,6 +74,17 @@ impl ReplicationError {
         }
     }
 
+    /// SQLSTATE 55000 "cannot use replication slot ... for logical decoding"
+    /// with the detail "This replication slot is being synchronized from the
+    /// primary server." (PostgreSQL 17+, `slot.c`): the host is a standby
+    /// holding a failover slot's copy. The detail is the only distinction from
+    /// an invalidated slot (same SQLSTATE); servers with translated messages
+    /// are caught earlier by `setup`'s check of `pg_replication_slots.synced`.
+    pub fn is_synced_slot(&self) -> bool {
+        matches!(self, ReplicationError::Server { code, detail: Some(d), .. }
+            if code == "55000" && d.contains("being synchronized from the primary"))
+    }
+
     /// Another connection is streaming from the slot (SQLSTATE 55006).
     pub fn is_slot_in_use(&self) -> bool {
         self.sqlstate() == Some("55006")
@@ -85,6 +96,9 @@ impl ReplicationError {
         match self {
             ReplicationError::Auth { .. } => true,
             ReplicationError::Connect(e) => e.is_permanent(),
+            // A failover slot's copy on a standby that is not promoted yet:
+            // the next attempt may reach the new primary.
+            _ if self.is_synced_slot() => false,
             ReplicationError::Server { code, .. } => {
                 // 28xxx auth, 42xxx (undefined object, privileges), 3D000 no database,
                 // 55000 object not in prerequisite state (e.g. invalidated slot).

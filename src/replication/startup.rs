@@ -10,24 +10,49 @@ use super::frame::{error_response, FrameReader};
 use super::{streaming, BoxedTransport, ReplicationError, StatusWriter, StreamReader};
 use crate::config::{quote_ident, quote_literal};
 use crate::lsn::Lsn;
-use crate::transport::{self, PgTarget};
+use crate::transport::{self, HostOutcome, PgTarget, ServerState};
 
 /// An authenticated connection in `replication=database` mode, ready for commands.
 pub struct ReplicationConnection {
     frames: FrameReader<BoxedTransport>,
     user: String,
+    /// `in_hot_standby` and `default_transaction_read_only` as reported at startup.
+    in_hot_standby: Option<String>,
+    read_only: Option<String>,
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> ReplicationError {
     move |source| ReplicationError::Io { context, source }
 }
 
-/// Connects and authenticates a replication connection.
+/// Connects and authenticates a replication connection to the first host of
+/// `target` that is of the kind its `target_session_attrs` asks for.
 pub async fn connect(target: &PgTarget) -> Result<ReplicationConnection, ReplicationError> {
+    transport::connect_any(target, |io| async move {
+        match startup(target, io).await {
+            Ok(conn) => {
+                let state = ServerState::from_parameters(
+                    conn.in_hot_standby.as_deref(),
+                    conn.read_only.as_deref(),
+                );
+                HostOutcome::Connected(conn, state)
+            }
+            // Starting up, shutting down or in recovery without hot standby,
+            // or gone: the next host may serve.
+            Err(e) if e.sqlstate() == Some("57P03") || !e.is_permanent() => HostOutcome::Next(e),
+            Err(e) => HostOutcome::Fail(e),
+        }
+    })
+    .await
+}
+
+async fn startup(
+    target: &PgTarget,
+    mut io: BoxedTransport,
+) -> Result<ReplicationConnection, ReplicationError> {
     let cfg = &target.config;
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
-    let mut io = transport::open(target).await?;
     let mut buf = BytesMut::new();
     let mut params = vec![
         ("user", user.as_str()),
@@ -44,6 +69,8 @@ pub async fn connect(target: &PgTarget) -> Result<ReplicationConnection, Replica
     let mut conn = ReplicationConnection {
         frames: FrameReader::new(io),
         user,
+        in_hot_standby: None,
+        read_only: None,
     };
     conn.authenticate(cfg.get_password()).await?;
     Ok(conn)
@@ -145,7 +172,19 @@ impl ReplicationConnection {
                         _ => err,
                     });
                 }
-                b'S' | b'K' | b'N' => {}
+                b'S' => {
+                    let mut fields = body.split(|b| *b == 0);
+                    let name = fields.next().unwrap_or_default();
+                    let value = fields
+                        .next()
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    match name {
+                        b"in_hot_standby" => self.in_hot_standby = value,
+                        b"default_transaction_read_only" => self.read_only = value,
+                        _ => {}
+                    }
+                }
+                b'K' | b'N' => {}
                 b'Z' => return Ok(()),
                 other => {
                     return Err(ReplicationError::Protocol(format!(
@@ -182,6 +221,20 @@ impl ReplicationConnection {
     pub async fn create_temporary_slot(&mut self, slot: &str) -> Result<(), ReplicationError> {
         self.simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        ))
+        .await
+        .map(drop)
+    }
+
+    /// Makes a slot a failover slot or an ordinary one (PostgreSQL 17+).
+    pub async fn set_failover(
+        &mut self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<(), ReplicationError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {failover})",
             quote_ident(slot)
         ))
         .await

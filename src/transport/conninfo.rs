@@ -1,29 +1,34 @@
-//! Takes the TLS parameters (`sslmode`, `sslrootcert`, `sslnegotiation`) out
-//! of a libpq connection string, URL or key=value form, and returns the rest
-//! unchanged for `tokio_postgres::Config`, whose parser knows neither
-//! `verify-ca`/`verify-full` nor `sslrootcert`. Pure: no I/O.
+//! Takes the parameters the relay implements itself (`sslmode`, `sslrootcert`,
+//! `sslnegotiation`, `target_session_attrs`) out of a libpq connection string,
+//! URL or key=value form, and returns the rest unchanged for
+//! `tokio_postgres::Config`, whose parser knows neither `verify-ca`/`verify-full`,
+//! `sslrootcert` nor `target_session_attrs=primary`. Pure: no I/O.
 //!
 //! Error messages never contain the connection string (it may hold a password).
 
-/// The TLS parameters found in a connection string (the last one wins, like libpq).
+/// The parameters found in a connection string that the relay implements
+/// itself (the last one wins, like libpq).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct TlsParams {
+pub struct LibpqParams {
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
     pub sslnegotiation: Option<String>,
+    pub target_session_attrs: Option<String>,
 }
 
 /// Parameters libpq knows that this relay does not implement.
 const UNSUPPORTED: &[&str] = &["sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir"];
 
-/// Splits `conninfo` into the connection string without TLS parameters and those parameters.
-pub fn split_tls_params(conninfo: &str) -> Result<(String, TlsParams), String> {
-    let mut params = TlsParams::default();
+/// Splits `conninfo` into the connection string without the relay's own
+/// parameters and those parameters.
+pub fn split_params(conninfo: &str) -> Result<(String, LibpqParams), String> {
+    let mut params = LibpqParams::default();
     let mut take = |key: &str, value: String| -> Result<bool, String> {
         let slot = match key {
             "sslmode" => &mut params.sslmode,
             "sslrootcert" => &mut params.sslrootcert,
             "sslnegotiation" => &mut params.sslnegotiation,
+            "target_session_attrs" => &mut params.target_session_attrs,
             k if UNSUPPORTED.contains(&k) => {
                 return Err(format!(
                     "{k} is not supported (no client certificates or CRLs); remove it and authenticate with a password"
@@ -153,8 +158,8 @@ fn split_key_values(
 mod tests {
     use super::*;
 
-    fn split(s: &str) -> (String, TlsParams) {
-        split_tls_params(s).unwrap()
+    fn split(s: &str) -> (String, LibpqParams) {
+        split_params(s).unwrap()
     }
 
     #[test]
@@ -168,7 +173,7 @@ mod tests {
         let (rest, p) = split("postgres://h/db?sslmode=require");
         assert_eq!(rest, "postgres://h/db");
         assert_eq!(p.sslmode.as_deref(), Some("require"));
-        assert_eq!(split("postgres://h/db").1, TlsParams::default());
+        assert_eq!(split("postgres://h/db").1, LibpqParams::default());
     }
 
     #[test]
@@ -182,6 +187,12 @@ mod tests {
         let (rest, p) = split("host=/run/postgresql sslmode=disable");
         assert_eq!(rest, "host=/run/postgresql");
         assert_eq!(p.sslmode.as_deref(), Some("disable"));
+        let (rest, p) = split("host=a,b port=5432,5433 target_session_attrs=primary dbname=app");
+        assert_eq!(rest, "host=a,b port=5432,5433 dbname=app");
+        assert_eq!(p.target_session_attrs.as_deref(), Some("primary"));
+        let (rest, p) = split("postgresql://u@a:1,b:2/db?target_session_attrs=read-write");
+        assert_eq!(rest, "postgresql://u@a:1,b:2/db");
+        assert_eq!(p.target_session_attrs.as_deref(), Some("read-write"));
     }
 
     #[test]
@@ -192,10 +203,10 @@ mod tests {
             "postgresql://u:s3cret@h/db?sslrootcert=%zz",
             "host=h password=s3cret sslrootcert='/unclosed",
         ] {
-            let err = split_tls_params(s).unwrap_err();
+            let err = split_params(s).unwrap_err();
             assert!(!err.contains("s3cret"), "{err}");
         }
-        assert!(split_tls_params("host=h sslcert=x")
+        assert!(split_params("host=h sslcert=x")
             .unwrap_err()
             .contains("sslcert is not supported"));
     }

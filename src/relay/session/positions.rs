@@ -140,7 +140,9 @@ impl Session<'_> {
         let Ok(client) = setup::sql_connect(pg).await else {
             return;
         };
-        if let Ok(Some((slot, _, _))) = setup::slot_state(&client, &self.cfg.postgres.slot).await {
+        if let Ok(Some((slot, _, _))) =
+            setup::slot_state(&client, None, &self.cfg.postgres.slot).await
+        {
             if slot.confirmed_flush > start {
                 tracing::warn!(requested = %start, actual = %slot.confirmed_flush, "the server moved the start forward to the slot's confirmed position");
             } else {
