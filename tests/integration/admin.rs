@@ -14,6 +14,7 @@ fn without_table(name: &str) -> TestCase {
     TestCase {
         name: name.to_string(),
         table: format!("outbox_{name}"),
+        s: servers(),
     }
 }
 

@@ -312,6 +312,7 @@ async fn a_null_routing_column_or_a_renamed_column_stops_without_confirming_the_
     let tc2 = TestCase {
         name: "badrow2".into(),
         table: tc.table.clone(),
+        s,
     };
     let relay = start_relay(tc2.config()).await;
     db.batch_execute(&format!("INSERT INTO {t} (aggregate_type, aggregate_id, kind, payload) VALUES ('bad', 'x', 'K', '{{}}')")).await.unwrap();

@@ -61,6 +61,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     let tc = TestCase {
         name: "pgrestart".into(),
         table: "outbox".into(),
+        s: servers(),
     };
     let db = pg.sql().await;
     db.batch_execute(include_str!("../../sql/001_outbox.sql"))
@@ -264,6 +265,7 @@ async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated()
     let tc = TestCase {
         name: "lostslot".into(),
         table: "outbox".into(),
+        s: servers(),
     };
     let db = pg.sql().await;
     db.batch_execute(include_str!("../../sql/001_outbox.sql"))

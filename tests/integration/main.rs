@@ -17,4 +17,5 @@ mod metrics;
 mod mock_broker;
 mod replay;
 mod shutdown;
+mod standby;
 mod tls;

@@ -122,6 +122,7 @@ impl TlsServer {
                     server_key.private_key_to_pem_pkcs8().unwrap(),
                 ),
             ],
+            ..Default::default()
         });
         let write = |name: &str, c: &X509| {
             let p = dir.join(name);
@@ -170,6 +171,7 @@ async fn relay_streams_over_tls_with_verify_full_on_both_connections() {
     let tc = TestCase {
         name: "tls_full".into(),
         table: "outbox".into(),
+        s: servers(),
     };
     let url = srv.url(
         "127.0.0.1",
