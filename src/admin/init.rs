@@ -340,6 +340,11 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 Problem(SetupError::NoSchema {
                     table: table.clone(),
                 })
+            } else if server.in_recovery {
+                // Read-only: the table comes from the primary.
+                Problem(SetupError::NoTable {
+                    table: table.clone(),
+                })
             } else if !create_on_schema && !role.superuser {
                 Problem(SetupError::NoCreateOnSchema {
                     role: role.name.clone(),
@@ -467,6 +472,8 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
         format!("state tables {schema}"),
         if f.state.exists && (f.state.usable || role.superuser) {
             ItemState::Ok("checkpoint, replay_request".into())
+        } else if server.in_recovery {
+            ItemState::Ok("not used when decoding on a standby (read-only)".into())
         } else if f.state.exists {
             Problem(SetupError::NoStatePrivileges {
                 schema: schema.clone(),
@@ -554,21 +561,28 @@ pub(super) async fn run(
             ItemState::Ok(detail) => line(out, &i.label, &format!("ok ({detail})")),
             ItemState::Warn(w) => line(out, &i.label, &format!("warning: {w}")),
             ItemState::Problem(_) => unreachable!("no problems left"),
-            ItemState::Create(sql) => match client.batch_execute(&sql).await {
-                Ok(()) => line(out, &i.label, "created"),
-                // Created concurrently (a relay starting with create_missing, another init).
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
-                    line(out, &i.label, "ok (created concurrently)")
+            ItemState::Create(sql) => {
+                if facts.server.in_recovery && i.label.starts_with("slot ") {
+                    line(out, &i.label, "creating on a standby: waits for a running-transactions record from the primary; run SELECT pg_log_standby_snapshot(); on the primary to end the wait");
                 }
-                Err(source) => {
-                    let e = SetupError::Query {
-                        context: "creating it",
-                        source,
-                    };
-                    line(out, &i.label, &format!("error: {e}"));
-                    return Ok(Some(if e.is_permanent() { 2 } else { 1 }));
+                match client.batch_execute(&sql).await {
+                    Ok(()) => line(out, &i.label, "created"),
+                    // Created concurrently (a relay starting with create_missing, another init).
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) =>
+                    {
+                        line(out, &i.label, "ok (created concurrently)")
+                    }
+                    Err(source) => {
+                        let e = SetupError::Query {
+                            context: "creating it",
+                            source,
+                        };
+                        line(out, &i.label, &format!("error: {e}"));
+                        return Ok(Some(if e.is_permanent() { 2 } else { 1 }));
+                    }
                 }
-            },
+            }
         }
     }
     Ok(None)

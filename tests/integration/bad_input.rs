@@ -149,6 +149,49 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
             problem: "invalid value '0/123456789' for '--to-lsn <LSN>'".into(),
             fix: "expected the form X/X",
         },
+        Case {
+            name: "host_port_count_mismatch",
+            command: &["check-config"],
+            config: with_url(&format!(
+                "host=127.0.0.1,127.0.0.2 port=5432,5433,5434 user=postgres password={PASSWORD} dbname=postgres"
+            )),
+            code: 2,
+            problem: "names 2 host(s) but 3 ports".into(),
+            fix: "give one port for all hosts or one per host",
+        },
+        Case {
+            name: "bad_target_session_attrs",
+            command: &["check-config"],
+            config: with_url(&format!("{}?target_session_attrs=leader", s.url())),
+            code: 2,
+            problem: "target_session_attrs=\"leader\" is not one of".into(),
+            fix: "read-write, read-only, primary, standby, prefer-standby",
+        },
+        Case {
+            // The shared server is PostgreSQL 15.
+            name: "failover_slot_on_before_17",
+            command: &["run"],
+            config: base.replace(
+                "status_interval_ms = 200\n",
+                "status_interval_ms = 200\nfailover_slot = \"on\"\n",
+            ),
+            code: 2,
+            problem: "postgres.failover_slot = \"on\" needs PostgreSQL 17 or later (this server is 15."
+                .into(),
+            fix: "set it to \"auto\" or \"off\"",
+        },
+        Case {
+            // Only a standby is reachable while target_session_attrs wants the primary: retried, and status says why.
+            name: "no_primary_among_the_hosts",
+            command: &["status"],
+            config: with_url(&format!(
+                "{}?target_session_attrs=standby",
+                s.url()
+            )),
+            code: 1,
+            problem: "no host in postgres.url could be used with target_session_attrs=standby".into(),
+            fix: "is a read-write primary",
+        },
     ];
     let replica = replica.await.unwrap();
     replica

@@ -30,13 +30,8 @@ impl TestCase {
     /// (the broker is shared across versions).
     pub async fn on(s: &'static Servers, name: &str) -> TestCase {
         let name = format!("{name}{}", s.name_suffix);
-        let c = s.sql().await;
         let table = format!("outbox_{name}");
-        let ddl =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/001_outbox.sql"))
-                .unwrap()
-                .replace("public.outbox", &format!("public.{table}"));
-        c.batch_execute(&ddl).await.unwrap();
+        create_outbox_table(&s.sql().await, &table).await;
         TestCase { name, table, s }
     }
 
@@ -126,4 +121,12 @@ impl TestCase {
             .map(|s| s.parse().unwrap())
             .unwrap_or(Lsn::ZERO)
     }
+}
+
+/// Creates `public.<table>` as `sql/001_outbox.sql` does.
+pub async fn create_outbox_table(db: &tokio_postgres::Client, table: &str) {
+    let ddl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/001_outbox.sql"))
+        .unwrap()
+        .replace("public.outbox", &format!("public.{table}"));
+    db.batch_execute(&ddl).await.unwrap();
 }

@@ -31,7 +31,7 @@ mod tansu;
 
 // The harness's API: not every item is used by the tests of every build.
 #[allow(unused_imports)]
-pub use case::TestCase;
+pub use case::{create_outbox_table, TestCase};
 #[allow(unused_imports)]
 pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]

@@ -1,0 +1,107 @@
+//! Decoding on a hot standby (PostgreSQL 16+): `postgres.url` names the
+//! standby, `init` creates the slot there (waiting for a running-transactions
+//! record from the primary), rows committed on the primary reach the broker,
+//! and after the standby is promoted the same slot goes on. A standby with
+//! `hot_standby_feedback = off` is refused with the fix.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use outbox_relay::metrics::Metrics;
+
+use crate::harness::*;
+
+/// The test's config pointed at `url`.
+fn config_at(tc: &TestCase, url: &str, dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let text = tc
+        .config_text(&tc.s.brokers, "")
+        .replace(&tc.s.url(), url);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
+    let tc = TestCase::new("sbdec16").await;
+    let primary = PgCluster::start_version(16);
+    let db = primary.sql().await;
+    create_outbox_table(&db, &tc.table).await;
+    db.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE public.{} WITH (publish = 'insert')",
+        tc.name, tc.table
+    ))
+    .await
+    .unwrap();
+    let (standby, no_feedback) = tokio::join!(
+        primary.start_standby(StandbyOptions::default()),
+        primary.start_standby(StandbyOptions {
+            settings: vec!["hot_standby_feedback=off".into()],
+            ..Default::default()
+        })
+    );
+    standby.wait_replayed(primary.current_lsn().await).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Without hot_standby_feedback the primary would vacuum away what the slot needs.
+    let refused = config_at(&tc, &no_feedback.url(), dir.path(), "no_feedback.toml");
+    let run = relay_cli(&["run"], &refused).await;
+    assert_eq!(run.code, Some(2), "{run}");
+    assert!(
+        run.stderr.contains("hot_standby_feedback = off")
+            && run.stderr.contains("ALTER SYSTEM SET hot_standby_feedback = on"),
+        "{run}"
+    );
+    drop(no_feedback);
+
+    // `init` creates the slot on the standby; the primary's snapshot record ends its wait.
+    let config = config_at(&tc, &standby.url(), dir.path(), "relay.toml");
+    let init = tokio::spawn({
+        let config = config.clone();
+        async move { relay_cli(&["init"], &config).await }
+    });
+    while !init.is_finished() {
+        db.batch_execute("SELECT pg_log_standby_snapshot()")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let init = init.await.unwrap();
+    assert_eq!(init.code, Some(0), "{init}");
+    assert!(
+        init.stdout.contains("run SELECT pg_log_standby_snapshot(); on the primary"),
+        "{init}"
+    );
+    assert!(init.item("server").contains("standby"), "{init}");
+    let status = relay_cli(&["status"], &config).await;
+    assert!(status.stdout.contains("standby (in recovery)"), "{status}");
+
+    let relay = start_relay(outbox_relay::config::Config::load(&config).unwrap()).await;
+    insert_rows(&db, &tc.table, "sb", 0, 100).await;
+    eventually(60, "100 rows from the standby acknowledged", || async {
+        Metrics::total(&relay.metrics.events_acked) >= 100
+    })
+    .await;
+
+    // Promoted, the standby keeps the slot (it is the standby's own), and the
+    // relay goes on from it.
+    drop(db);
+    primary.kill();
+    standby.promote();
+    let promoted = standby.sql().await;
+    insert_rows(&promoted, &tc.table, "sb", 100, 50).await;
+    eventually(60, "150 rows acknowledged", || async {
+        Metrics::total(&relay.metrics.events_acked) >= 150
+    })
+    .await;
+    let got = tokio::task::spawn_blocking({
+        let (brokers, topic) = (tc.s.brokers.clone(), tc.topic("sb"));
+        move || consume_all(&brokers, &[topic], 150)
+    })
+    .await
+    .unwrap();
+    let distinct: HashSet<i64> = seqs(&got).into_iter().collect();
+    assert_eq!(distinct, (0..150).collect::<HashSet<i64>>());
+    relay.stop().await.unwrap();
+}
