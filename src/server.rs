@@ -6,6 +6,19 @@
 //! Read once per SQL connection by `setup` and `admin`; pure decisions on the
 //! result ([`Server::failover_slot`], [`Server::check_standby`]) so they are
 //! table-tested without a server. It does not create anything (see `setup`).
+//!
+//! What differs between the supported versions and how it is handled:
+//! - pgoutput `proto_version` stays 1 on every version: 2 (14+), 3 (15+) and
+//!   4 (16+) add only the streaming of in-progress transactions, two-phase
+//!   commit and parallel apply, which the relay does not ask for (it produces
+//!   a transaction once PostgreSQL decoded its commit). The `messages` option
+//!   exists from 14 on.
+//! - `pg_replication_slots`: `conflicting` from 16, `failover`, `synced`,
+//!   `invalidation_reason` and `inactive_since` from 17 ([`Server::slot_columns`]).
+//! - Slot creation: the five-argument `pg_create_logical_replication_slot`
+//!   with `failover` from 17; `ALTER_REPLICATION_SLOT` from 17.
+//! - Decoding on a standby from 16; the server reports `in_hot_standby` at
+//!   connection start from 14, which `transport` uses for `target_session_attrs`.
 
 use tokio_postgres::Client;
 

@@ -132,7 +132,10 @@ async fn failover_on_17_loses_nothing_through_the_synced_failover_slot() {
         "{init}"
     );
     let status = status_text(&config).await;
-    assert!(status.contains("failover_slot              yes"), "{status}");
+    assert!(
+        status.contains("failover_slot              yes"),
+        "{status}"
+    );
     assert!(
         status.contains("unsafe: synchronized_standby_slots is empty")
             && status.contains("ALTER SYSTEM SET synchronized_standby_slots = 'standby_slot'"),
@@ -283,14 +286,21 @@ async fn failover_on_16_stops_with_the_range_at_risk_and_creates_no_slot() {
         db.query_opt(&ckpt, &[]).await.unwrap().is_some()
     })
     .await;
-    pair.standby.wait_replayed(pair.primary.current_lsn().await).await;
+    pair.standby
+        .wait_replayed(pair.primary.current_lsn().await)
+        .await;
     drop(db);
     pair.primary.kill();
     pair.standby.promote();
     let status = tokio::task::spawn_blocking(move || relay.wait().unwrap())
         .await
         .unwrap();
-    assert_eq!(status.code(), Some(2), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("promoted from a standby that had no copy of it")

@@ -58,9 +58,14 @@ async fn a_partitioned_outbox_streams_through_its_root_while_partitions_come_and
     std::fs::write(&config, tc.config_text(&s.brokers, "")).unwrap();
     let dry = relay_cli(&["init", "--dry-run"], &config).await;
     assert_eq!(dry.code, Some(0), "{dry}");
-    assert!(dry.item(&format!("table public.{t}")).contains("partitioned"), "{dry}");
     assert!(
-        dry.stdout.contains("WITH (publish = 'insert', publish_via_partition_root = true);"),
+        dry.item(&format!("table public.{t}"))
+            .contains("partitioned"),
+        "{dry}"
+    );
+    assert!(
+        dry.stdout
+            .contains("WITH (publish = 'insert', publish_via_partition_root = true);"),
         "{dry}"
     );
 

@@ -9,15 +9,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use outbox_relay::metrics::Metrics;
+use outbox_relay::replication;
+use outbox_relay::transport::PgTarget;
 
 use crate::harness::*;
 
 /// The test's config pointed at `url`.
 fn config_at(tc: &TestCase, url: &str, dir: &Path, name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
-    let text = tc
-        .config_text(&tc.s.brokers, "")
-        .replace(&tc.s.url(), url);
+    let text = tc.config_text(&tc.s.brokers, "").replace(&tc.s.url(), url);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -50,7 +50,9 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
     assert_eq!(run.code, Some(2), "{run}");
     assert!(
         run.stderr.contains("hot_standby_feedback = off")
-            && run.stderr.contains("ALTER SYSTEM SET hot_standby_feedback = on"),
+            && run
+                .stderr
+                .contains("ALTER SYSTEM SET hot_standby_feedback = on"),
         "{run}"
     );
     drop(no_feedback);
@@ -70,12 +72,27 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
     let init = init.await.unwrap();
     assert_eq!(init.code, Some(0), "{init}");
     assert!(
-        init.stdout.contains("run SELECT pg_log_standby_snapshot(); on the primary"),
+        init.stdout
+            .contains("run SELECT pg_log_standby_snapshot(); on the primary"),
         "{init}"
     );
     assert!(init.item("server").contains("standby"), "{init}");
     let status = relay_cli(&["status"], &config).await;
     assert!(status.stdout.contains("standby (in recovery)"), "{status}");
+
+    // The replication connection tells a standby from a primary by what the
+    // server reports at startup (in_hot_standby), like the SQL connection.
+    let target = |attrs: &str| {
+        PgTarget::parse(&format!("{}?target_session_attrs={attrs}", standby.url())).unwrap()
+    };
+    match replication::connect(&target("read-write")).await {
+        Err(e) => assert!(
+            e.to_string().contains("is a standby (in_hot_standby = on)"),
+            "{e}"
+        ),
+        Ok(_) => panic!("read-write accepted a standby"),
+    }
+    assert!(replication::connect(&target("standby")).await.is_ok());
 
     let relay = start_relay(outbox_relay::config::Config::load(&config).unwrap()).await;
     insert_rows(&db, &tc.table, "sb", 0, 100).await;
