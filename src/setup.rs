@@ -665,16 +665,12 @@ async fn ensure_slot(
         if cfg.postgres.recreate_missing_slot {
             tracing::warn!(slot = %name, "creating a missing replication slot (postgres.recreate_missing_slot): events committed while it was missing are not relayed");
         }
-        match client
-            .query_one(
-                &format!(
-                    "SELECT lsn::text FROM ({}) s",
-                    create_slot_sql(name, failover)
-                ),
-                &[],
-            )
-            .await
-        {
+        let sql = if failover {
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        } else {
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+        };
+        match client.query_one(sql, &[name]).await {
             Ok(row) => {
                 created = true;
                 tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), failover, "created replication slot")

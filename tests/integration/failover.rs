@@ -141,14 +141,14 @@ async fn failover_on_17_loses_nothing_through_the_synced_failover_slot() {
             && status.contains("ALTER SYSTEM SET synchronized_standby_slots = 'standby_slot'"),
         "{status}"
     );
-    pair.primary
-        .sql()
-        .await
-        .batch_execute(
-            "ALTER SYSTEM SET synchronized_standby_slots = 'standby_slot'; SELECT pg_reload_conf();",
-        )
-        .await
-        .unwrap();
+    let db = pair.primary.sql().await;
+    for sql in [
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_slot'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    drop(db);
     eventually(10, "status says the failover is safe", || async {
         status_text(&config)
             .await
