@@ -185,7 +185,11 @@ async fn init_creates_table_publication_and_slot_once_and_the_relay_streams_from
     assert_eq!(again.code, Some(0), "{again}");
     assert_eq!(again.stdout.lines().count(), out.stdout.lines().count());
     for line in again.stdout.lines() {
-        assert!(line.contains("  ok ("), "second run: {line:?}\n{again}");
+        // PostgreSQL 15 keeps slots on the primary only: a failover warning, not a check.
+        assert!(
+            line.contains("  ok (") || line.starts_with("failover  "),
+            "second run: {line:?}\n{again}"
+        );
     }
 
     // What init created is all the relay needs: it streams without creating anything.

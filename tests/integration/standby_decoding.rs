@@ -122,3 +122,74 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
     assert_eq!(distinct, (0..150).collect::<HashSet<i64>>());
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_slot_invalidated_by_a_recovery_conflict_is_reported_never_skipped() {
+    let tc = TestCase::new("sbconflict17").await;
+    let primary = PgCluster::start_version(17);
+    let db = primary.sql().await;
+    create_outbox_table(&db, &tc.table).await;
+    db.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE public.{} WITH (publish = 'insert')",
+        tc.name, tc.table
+    ))
+    .await
+    .unwrap();
+    // Without feedback nothing holds the primary's vacuum back for the standby's slot.
+    let standby = primary
+        .start_standby(StandbyOptions {
+            settings: vec!["hot_standby_feedback=off".into()],
+            ..Default::default()
+        })
+        .await;
+    standby.wait_replayed(primary.current_lsn().await).await;
+    let create = tokio::spawn({
+        let (sql, slot) = (standby.sql().await, tc.name.clone());
+        async move {
+            sql.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    while !create.is_finished() {
+        db.batch_execute("SELECT pg_log_standby_snapshot()")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    create.await.unwrap();
+    // Catalog rows the slot still needs, removed on the primary: the standby
+    // invalidates the slot when it replays the removal.
+    for sql in [
+        "CREATE TABLE conflict_probe (x int)",
+        "DROP TABLE conflict_probe",
+        "VACUUM pg_class",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    standby.wait_replayed(primary.current_lsn().await).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_at(&tc, &standby.url(), dir.path(), "relay.toml");
+    let mut status = relay_cli(&["status"], &config).await;
+    for _ in 0..50 {
+        if status.stdout.contains("invalidation") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = relay_cli(&["status"], &config).await;
+    }
+    assert_eq!(status.code, Some(1), "{status}");
+    assert!(
+        status.stdout.contains("invalidation_reason = rows_removed"),
+        "{status}"
+    );
+    assert!(
+        status.stderr.contains("was invalidated")
+            && status.stderr.contains("may be missing from Kafka")
+            && status.stderr.contains("pg_drop_replication_slot"),
+        "{status}"
+    );
+}
