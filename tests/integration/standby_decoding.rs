@@ -22,10 +22,9 @@ fn config_at(tc: &TestCase, url: &str, dir: &Path, name: &str) -> std::path::Pat
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
-    let tc = TestCase::new("sbdec16").await;
-    let primary = PgCluster::start_version(16);
+/// A primary of `major` with the test's outbox table and publication.
+async fn primary_with_outbox(major: u32, tc: &TestCase) -> (PgCluster, tokio_postgres::Client) {
+    let primary = PgCluster::start_version(major);
     let db = primary.sql().await;
     create_outbox_table(&db, &tc.table).await;
     db.batch_execute(&format!(
@@ -34,6 +33,29 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
     ))
     .await
     .unwrap();
+    (primary, db)
+}
+
+/// Awaits `task`, which creates a slot on a standby, while the primary writes
+/// the running-transactions records that slot creation waits for.
+async fn with_snapshots<T>(
+    primary: &tokio_postgres::Client,
+    task: tokio::task::JoinHandle<T>,
+) -> T {
+    while !task.is_finished() {
+        primary
+            .batch_execute("SELECT pg_log_standby_snapshot()")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    task.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
+    let tc = TestCase::new("sbdec16").await;
+    let (primary, db) = primary_with_outbox(16, &tc).await;
     let (standby, no_feedback) = tokio::join!(
         primary.start_standby(StandbyOptions::default()),
         primary.start_standby(StandbyOptions {
@@ -63,13 +85,7 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
         let config = config.clone();
         async move { relay_cli(&["init"], &config).await }
     });
-    while !init.is_finished() {
-        db.batch_execute("SELECT pg_log_standby_snapshot()")
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let init = init.await.unwrap();
+    let init = with_snapshots(&db, init).await;
     assert_eq!(init.code, Some(0), "{init}");
     assert!(
         init.stdout
@@ -126,15 +142,7 @@ async fn decoding_on_a_16_standby_delivers_and_survives_its_promotion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_slot_invalidated_by_a_recovery_conflict_is_reported_never_skipped() {
     let tc = TestCase::new("sbconflict17").await;
-    let primary = PgCluster::start_version(17);
-    let db = primary.sql().await;
-    create_outbox_table(&db, &tc.table).await;
-    db.batch_execute(&format!(
-        "CREATE PUBLICATION {} FOR TABLE public.{} WITH (publish = 'insert')",
-        tc.name, tc.table
-    ))
-    .await
-    .unwrap();
+    let (primary, db) = primary_with_outbox(17, &tc).await;
     // Without feedback nothing holds the primary's vacuum back for the standby's slot.
     let standby = primary
         .start_standby(StandbyOptions {
@@ -154,13 +162,7 @@ async fn a_standby_slot_invalidated_by_a_recovery_conflict_is_reported_never_ski
             .unwrap();
         }
     });
-    while !create.is_finished() {
-        db.batch_execute("SELECT pg_log_standby_snapshot()")
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    create.await.unwrap();
+    with_snapshots(&db, create).await;
     // Catalog rows the slot still needs, removed on the primary: the standby
     // invalidates the slot when it replays the removal.
     for sql in [
