@@ -12,8 +12,10 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod replay;
+mod shard;
 use crate::transport::PgTarget;
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
+pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 
 /// Environment variable that overrides `postgres.url` (keeps the password out of the file).
 pub const ENV_POSTGRES_URL: &str = "OUTBOX_RELAY_POSTGRES_URL";
@@ -38,6 +40,8 @@ pub struct Config {
     pub replay: ReplayConfig,
     #[serde(default)]
     pub sink: SinkConfig,
+    #[serde(default)]
+    pub shard: ShardConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -501,7 +505,15 @@ impl Config {
         if let Some(b) = env(ENV_KAFKA_BROKERS).filter(|v| !v.is_empty()) {
             cfg.kafka.brokers = b;
         }
+        cfg.shard.resolve(&env)?;
         cfg.validate()?;
+        // From here on postgres.slot and postgres.publication are this shard's.
+        let shard = cfg.shard.shard();
+        cfg.shard.base_slot = std::mem::take(&mut cfg.postgres.slot);
+        cfg.shard.base_publication = std::mem::take(&mut cfg.postgres.publication);
+        cfg.postgres.slot = shard.name(&cfg.shard.base_slot);
+        cfg.postgres.publication = shard.name(&cfg.shard.base_publication);
+        validate_identifier("postgres.slot", &cfg.postgres.slot)?;
         Ok(cfg)
     }
 

@@ -12,6 +12,7 @@
 //! - [`ack`]: which LSN may be confirmed.
 //! - [`server`]: the server's version, primary or standby, and the settings failover depends on.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL.
+//! - [`shard`]: which rows belong to a shard (row filter), shard slot and publication names.
 //! - [`admin`]: the `init` and `status` commands: checks, what they create, print and exit with.
 //! - [`metrics`]: Prometheus metrics and the health state.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` listener.
@@ -33,6 +34,7 @@ pub mod relay;
 pub mod replication;
 pub mod server;
 pub mod setup;
+pub mod shard;
 pub mod sink;
 pub mod state;
 pub mod transport;

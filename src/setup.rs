@@ -13,6 +13,7 @@ use crate::config::{quote_ident, quote_literal, Config, TableName};
 use crate::lsn::Lsn;
 use crate::outbox::MappingError;
 use crate::server::Server;
+use crate::shard::Shard;
 use crate::transport::{self, ConnectError, HostOutcome, PgTarget, ServerState};
 
 /// `sql/001_outbox.sql`, the outbox table as shipped (named `public.outbox`).
@@ -71,6 +72,26 @@ pub enum SetupError {
         table: TableName,
         partitioned: bool,
     },
+    #[error("publication {name:?} {}; rows a filter passes over are never relayed: {}", match .found { Some(f) => format!("filters the rows of \"{table}\" with WHERE {f}"), None => format!("publishes every row of \"{table}\"") }, match .wanted { Some(w) => format!("shard {shard} needs WHERE ({w}); run ALTER PUBLICATION {} SET TABLE {} WHERE ({w});", quote_ident(.name), .table.quoted()), None => format!("run ALTER PUBLICATION {} SET TABLE {};", quote_ident(.name), .table.quoted()) })]
+    RowFilter {
+        name: String,
+        table: TableName,
+        found: Option<String>,
+        wanted: Option<String>,
+        shard: Shard,
+    },
+    #[error("shard.count = {count} needs PostgreSQL 15 or later for publication row filters (this server is {}); set shard.count = 1, or upgrade", crate::server::version_text(*.version_num))]
+    ShardingNeeds15 { count: u32, version_num: i32 },
+    #[error("shard.count is {count}, but the slots of this database are of a {} layout ({}); the relay does not create a new set of slots by itself, which could skip or repeat events. {}", others_layouts(.others), .others.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "), reshard_procedure(*.count, .others))]
+    ShardCountChanged {
+        count: u32,
+        others: Vec<OtherShardSlot>,
+    },
+    /// The new layout's relay waits while one of the old layout streams: retried.
+    #[error("slot {} of the {}-shard layout is still streaming to a relay; this {count}-shard relay waits until the old relays are stopped (README, \"Sharding\")", .slot.name, .slot.count)]
+    ReshardWaiting { count: u32, slot: OtherShardSlot },
+    #[error("slot {} of the {}-shard layout confirmed only up to {} and this shard's slot starts at {start}: events committed in between would be skipped; start the {}-shard relays again until `outbox-relay status` shows their confirmed_flush_lsn at or after {start}, stop them, then drop their slots (README, \"Sharding\")", .slot.name, .slot.count, .slot.confirmed, .slot.count)]
+    ReshardGap { slot: OtherShardSlot, start: Lsn },
     #[error("table \"{table}\" is partitioned and publication {name:?} publishes its partitions under their own names; run ALTER PUBLICATION {} SET (publish_via_partition_root = true); so rows arrive as rows of \"{table}\" and partitions added later are included", quote_ident(.name))]
     NotViaRoot { name: String, table: TableName },
     #[error("replication slot {name:?} uses plugin {plugin:?} (database {database:?}); the relay needs a pgoutput slot in database {expected_db:?}: use another slot name or drop it")]
@@ -130,6 +151,96 @@ pub enum SetupError {
     NoCreateState { schema: String },
     #[error("role {role_sql} may not use the relay's state tables in schema {schema:?}; as their owner run GRANT USAGE ON SCHEMA {} TO {role_sql}; GRANT SELECT, INSERT, UPDATE ON {0}.checkpoint, {0}.replay_request TO {role_sql}; GRANT USAGE ON SEQUENCE {0}.replay_request_id_seq TO {role_sql}; or set [checkpoint] schema to a schema of this role", quote_ident(.schema))]
     NoStatePrivileges { schema: String, role_sql: String },
+}
+
+/// A slot of this database named after the same base slot, of another shard count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherShardSlot {
+    pub name: String,
+    /// Its layout's shard count.
+    pub count: u32,
+    pub active: bool,
+    pub confirmed: Lsn,
+}
+
+fn others_layouts(others: &[OtherShardSlot]) -> String {
+    let mut counts: Vec<String> = others.iter().map(|o| format!("{}-shard", o.count)).collect();
+    counts.dedup();
+    counts.join(" and ")
+}
+
+/// How to change the shard count without losing or silently skipping events.
+pub fn reshard_procedure(count: u32, others: &[OtherShardSlot]) -> String {
+    let old = others.first().map_or(1, |o| o.count);
+    format!(
+        "To change the count: 1. run `outbox-relay init --all-shards` with shard.count = {count}: it creates the new slots and prints the LSN they start at; 2. keep the {old}-shard relays running until `outbox-relay status --all-shards` with shard.count = {old} shows every slot confirmed at or after that LSN; 3. stop them and drop their slots and publications (SELECT pg_drop_replication_slot(...); DROP PUBLICATION ...;); 4. start the {count}-shard relays (README, \"Sharding\")"
+    )
+}
+
+/// Slots of this database named after `cfg`'s base slot whose shard count is not `cfg`'s.
+pub async fn other_layouts(
+    client: &Client,
+    cfg: &Config,
+) -> Result<Vec<OtherShardSlot>, SetupError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, active, confirmed_flush_lsn::text FROM pg_replication_slots
+             WHERE slot_type = 'logical' AND database = current_database() ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(q("reading the replication slots"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let name: String = r.get(0);
+            let count = Shard::layout_of(&cfg.shard.base_slot, &name)?;
+            (count != cfg.shard.count).then(|| OtherShardSlot {
+                name,
+                count,
+                active: r.get(1),
+                confirmed: parse_lsn(r.get(2)),
+            })
+        })
+        .collect())
+}
+
+/// With slots of another shard count present: refuses to create this
+/// layout's slot (the count changed), waits while an old relay streams, and
+/// refuses to start a new shard before every old slot has confirmed up to
+/// where the new one starts. `has_streamed`: this slot has a checkpoint (the
+/// change of layout is over for it).
+async fn check_layout(
+    client: &Client,
+    cfg: &Config,
+    own: Option<&SlotState>,
+) -> Result<(), SetupError> {
+    let others = other_layouts(client, cfg).await?;
+    if others.is_empty() {
+        return Ok(());
+    }
+    let Some(own) = own else {
+        return Err(SetupError::ShardCountChanged {
+            count: cfg.shard.count,
+            others,
+        });
+    };
+    if let Some(o) = others.iter().find(|o| o.active) {
+        return Err(SetupError::ReshardWaiting {
+            count: cfg.shard.count,
+            slot: o.clone(),
+        });
+    }
+    if at_risk(client, cfg).await.is_none() {
+        if let Some(o) = others.iter().find(|o| o.confirmed < own.confirmed_flush) {
+            return Err(SetupError::ReshardGap {
+                slot: o.clone(),
+                start: own.confirmed_flush,
+            });
+        }
+    }
+    tracing::warn!(slots = ?others.iter().map(|o| &o.name).collect::<Vec<_>>(), "slots of another shard count are left over from a change of shard.count; drop them (SELECT pg_drop_replication_slot(...)) or they keep WAL on the server");
+    Ok(())
 }
 
 /// What the relay's last checkpoint says about a slot that is gone.
@@ -227,7 +338,7 @@ impl SetupError {
                 })
             }
             SetupError::Transport(e) => e.is_permanent(),
-            SetupError::SlotSynced { .. } => false,
+            SetupError::SlotSynced { .. } | SetupError::ReshardWaiting { .. } => false,
             _ => true,
         }
     }
@@ -414,6 +525,12 @@ pub async fn prepare_publication(
     server.check_supported()?;
     server.check_standby()?;
     server.failover_slot(cfg.postgres.failover_slot)?;
+    if cfg.shard.count > 1 && server.version_num < 150000 {
+        return Err(SetupError::ShardingNeeds15 {
+            count: cfg.shard.count,
+            version_num: server.version_num,
+        });
+    }
     check_wal_level(client).await?;
     let role = read_role(client).await?;
     role.check_replication()?;
@@ -469,18 +586,30 @@ fn outbox_sql_one_line() -> String {
 
 /// `CREATE PUBLICATION` for the relay (inserts only), without `;`. A
 /// partitioned table is published through its root: rows of every partition,
-/// present and future, arrive as rows of the table itself.
-pub fn create_publication_sql(publication: &str, table: &TableName, partitioned: bool) -> String {
+/// present and future, arrive as rows of the table itself. A shard's
+/// publication passes only its rows (`row_filter`, see `shard`).
+pub fn create_publication_sql(
+    publication: &str,
+    table: &TableName,
+    partitioned: bool,
+    row_filter: Option<&str>,
+) -> String {
     format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{})",
+        "CREATE PUBLICATION {} FOR TABLE {}{} WITH (publish = 'insert'{})",
         quote_ident(publication),
         table.quoted(),
+        row_filter.map_or(String::new(), |f| format!(" WHERE ({f})")),
         if partitioned {
             ", publish_via_partition_root = true"
         } else {
             ""
         }
     )
+}
+
+/// This instance's row filter (`None` when not sharded).
+pub fn row_filter(cfg: &Config) -> Option<String> {
+    cfg.shard.shard().row_filter(&quote_ident(&cfg.outbox.key))
 }
 
 /// Creates the pgoutput slot, without `;`; a failover slot when `failover`
@@ -538,7 +667,8 @@ async fn ensure_publication(
             })
         }
         None => {
-            let sql = create_publication_sql(name, table, partitioned);
+            let sql =
+                create_publication_sql(name, table, partitioned, row_filter(cfg).as_deref());
             match client.batch_execute(&sql).await {
                 Ok(()) => {
                     created = true;
@@ -555,20 +685,57 @@ async fn ensure_publication(
             }
         }
     }
-    let includes = client
+    let rowfilter = if server.version_num >= 150000 {
+        "rowfilter"
+    } else {
+        "NULL::text"
+    };
+    let Some(row) = client
         .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &format!("SELECT {rowfilter} FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"),
             &[name, &table.schema, &table.name],
         )
         .await
-        .map_err(q("reading the publication's tables"))?;
-    if includes.is_none() {
+        .map_err(q("reading the publication's tables"))?
+    else {
         return Err(SetupError::PublicationMissesTable {
             name: name.clone(),
             table: table.clone(),
         });
-    }
+    };
+    check_row_filter(cfg, table, row.get(0))?;
     Ok(created)
+}
+
+/// A publication's row filter must be exactly what this shard needs: none
+/// without sharding (a filter would drop rows silently), the shard's otherwise.
+/// The server prints the filter in its own form: it is recognised by the
+/// hash, the count and the index.
+fn check_row_filter(
+    cfg: &Config,
+    table: &TableName,
+    found: Option<String>,
+) -> Result<(), SetupError> {
+    let shard = cfg.shard.shard();
+    let fits = match (&found, row_filter(cfg)) {
+        (None, None) => true,
+        (Some(f), Some(_)) => {
+            f.contains("hashtext")
+                && f.contains(&format!("% {})", shard.count))
+                && f.contains(&format!("= {})", shard.index))
+        }
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(SetupError::RowFilter {
+        name: cfg.postgres.publication.clone(),
+        table: table.clone(),
+        found,
+        wanted: row_filter(cfg),
+        shard,
+    })
 }
 
 /// Reads the slot; `None` if it does not exist.
@@ -641,7 +808,9 @@ async fn ensure_slot(
     let name = &cfg.postgres.slot;
     let failover = server.failover_slot(cfg.postgres.failover_slot)?;
     let mut created = false;
-    if slot_state(client, Some(server), name).await?.is_none() {
+    let existing = slot_state(client, Some(server), name).await?;
+    check_layout(client, cfg, existing.as_ref().map(|(s, _, _)| s)).await?;
+    if existing.is_none() {
         if !cfg.postgres.create_missing {
             return Err(SetupError::NoSlot {
                 name: name.clone(),
@@ -875,12 +1044,12 @@ mod tests {
     #[test]
     fn publication_and_slot_statements_quote_names() {
         assert_eq!(
-            create_publication_sql("outbox_relay", &table("public", "outbox"), false),
+            create_publication_sql("outbox_relay", &table("public", "outbox"), false, None),
             r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "public"."outbox" WITH (publish = 'insert')"#
         );
         assert_eq!(
-            create_publication_sql("outbox_relay", &table("app", "Events"), true),
-            r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "app"."Events" WITH (publish = 'insert', publish_via_partition_root = true)"#
+            create_publication_sql("outbox_relay", &table("app", "Events"), true, Some("k = 1")),
+            r#"CREATE PUBLICATION "outbox_relay" FOR TABLE "app"."Events" WHERE (k = 1) WITH (publish = 'insert', publish_via_partition_root = true)"#
         );
         assert_eq!(
             create_slot_sql("outbox_relay", false),

@@ -419,6 +419,7 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
                 publication,
                 &table,
                 partitioned,
+                setup::row_filter(cfg).as_deref(),
             )),
         },
     ));
