@@ -49,7 +49,7 @@ pub use servers::{create_role, servers, servers_on, Servers};
 #[allow(unused_imports)]
 pub use standby::{multi_host_url, StandbyOptions};
 #[allow(unused_imports)]
-pub use tansu::{tansu_bin, Tansu};
+pub use tansu::{shared_brokers, tansu_bin, Tansu};
 
 /// Polls `f` until it returns true or `secs` pass.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
