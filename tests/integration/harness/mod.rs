@@ -37,7 +37,7 @@ pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]
 pub use kafka::{consume_all, consume_raw_values, consume_until, seqs, Consumed};
 #[allow(unused_imports)]
-pub use postgres::{npm_versions, PgInstall, PASSWORD};
+pub use postgres::{connect, npm_versions, PgInstall, PASSWORD};
 #[allow(unused_imports)]
 pub use process::free_addr;
 #[allow(unused_imports)]
