@@ -11,8 +11,14 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_events_arrive_once_in_commit_order_per_key() {
-    let tc = TestCase::new("bulk").await;
-    let s = servers();
+    every_row_once_in_commit_order_per_key_with_headers(servers()).await;
+}
+
+/// 10,000 events in transactions of 1 to 500 rows: each once, in its topic
+/// with key, value and headers, in commit order per key; then the slot
+/// reaches the last commit. Also run on each version of the matrix.
+pub async fn every_row_once_in_commit_order_per_key_with_headers(s: &'static Servers) {
+    let tc = TestCase::on(s, "bulk").await;
     let relay = start_relay(tc.config()).await;
     let db = s.sql().await;
 

@@ -375,15 +375,19 @@ async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_nothing_and_keeps_per_key_order() {
-    let tc = TestCase::new("sigkill").await;
-    let s = servers();
+    sigkill_loop_loses_nothing_and_keeps_per_key_order(servers()).await;
+}
+
+/// Also run on each version of the matrix.
+pub async fn sigkill_loop_loses_nothing_and_keeps_per_key_order(s: &'static Servers) {
+    let tc = TestCase::on(s, "sigkill").await;
     let dir = tempfile::tempdir().unwrap();
     let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 6000;
     let table = tc.table.clone();
     let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
+        let db = s.sql().await;
         for i in (0..TOTAL).step_by(6) {
             insert_rows(&db, &table, "evt", i, 6).await;
             tokio::time::sleep(Duration::from_millis(2)).await;

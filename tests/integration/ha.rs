@@ -16,8 +16,12 @@ async fn readyz(addr: &str) -> Option<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_the_active_instance_is_killed() {
-    let tc = TestCase::new("ha").await;
-    let s = servers();
+    standby_instance_takes_over_after_sigkill(servers()).await;
+}
+
+/// Also run on each version of the matrix.
+pub async fn standby_instance_takes_over_after_sigkill(s: &'static Servers) {
+    let tc = TestCase::on(s, "ha").await;
     let dir = tempfile::tempdir().unwrap();
     let (addr_a, addr_b) = (free_addr(), free_addr());
     let extra = "standby_retry_ms = 200\n";
@@ -53,7 +57,7 @@ async fn standby_takes_over_after_the_active_instance_is_killed() {
     const TOTAL: i64 = 2000;
     let table = tc.table.clone();
     let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
+        let db = s.sql().await;
         for i in (0..TOTAL).step_by(5) {
             insert_rows(&db, &table, "evt", i, 5).await;
             tokio::time::sleep(Duration::from_millis(3)).await;

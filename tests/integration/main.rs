@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL and a real tansu broker (started
 //! by `harness`), plus librdkafka's MockCluster for broker fault injection.
-//! One test binary so that all tests share one PostgreSQL and one broker.
+//! One test binary so that all tests share one PostgreSQL per major version
+//! (the default one for the full suite, 14/16/17/18 for `matrix`) and one broker.
 
 #![allow(dead_code)]
 
@@ -14,6 +15,7 @@ mod delivery;
 mod failover;
 mod faults;
 mod ha;
+mod matrix;
 mod metrics;
 mod mock_broker;
 mod partitioned;

@@ -15,7 +15,7 @@ use outbox_relay::metrics::Metrics;
 use crate::harness::*;
 
 async fn insert_tx(tc: &TestCase, from: i64, n: i64) -> Lsn {
-    insert_rows(&servers().sql().await, &tc.table, "evt", from, n).await
+    insert_rows(&tc.s.sql().await, &tc.table, "evt", from, n).await
 }
 
 fn seqs_by_key(records: &[Consumed]) -> HashMap<String, Vec<i64>> {
@@ -31,7 +31,12 @@ fn seqs_by_key(records: &[Consumed]) -> HashMap<String, Vec<i64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_never_passes_unacknowledged_records_while_the_broker_is_down() {
-    let tc = TestCase::new("mockdown").await;
+    slot_holds_while_the_broker_is_down(servers()).await;
+}
+
+/// Also run on each version of the matrix.
+pub async fn slot_holds_while_the_broker_is_down(s: &'static Servers) {
+    let tc = TestCase::on(s, "mockdown").await;
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic(&tc.topic("evt"), 3, 1).unwrap();
     let brokers = mock.bootstrap_servers();

@@ -16,7 +16,7 @@ use crate::harness::*;
 fn config_text(tc: &TestCase, extra: &str) -> String {
     format!(
         "{}\n[checkpoint]\ninterval_ms = 200\n{extra}",
-        tc.config_text(&servers().brokers, "")
+        tc.config_text(&tc.s.brokers, "")
     )
 }
 
@@ -26,8 +26,7 @@ fn config(text: &str) -> Config {
 
 /// The slot's stored checkpoint.
 async fn checkpoint(tc: &TestCase) -> Option<Lsn> {
-    servers()
-        .sql()
+    tc.s.sql()
         .await
         .query_opt(
             "SELECT acked_lsn::text FROM outbox_relay.checkpoint WHERE slot_name = $1",
@@ -48,7 +47,7 @@ async fn checkpoint_past(tc: &TestCase, lsn: Lsn) {
 }
 
 fn consume(topic: String, expected: usize) -> Vec<Consumed> {
-    consume_all(&servers().brokers, &[topic], expected)
+    consume_all(shared_brokers(), &[topic], expected)
 }
 
 async fn consume_async(topic: String, expected: usize) -> Vec<Consumed> {
@@ -81,11 +80,16 @@ fn originals(got: &[Consumed]) -> Vec<Consumed> {
 
 #[tokio::test]
 async fn restarts_skip_what_was_acknowledged_and_replay_sends_exactly_the_range() {
-    let tc = TestCase::new("replay_range").await;
+    restarts_send_nothing_twice_and_replay_sends_the_range(servers()).await;
+}
+
+/// Also run on each version of the matrix.
+pub async fn restarts_send_nothing_twice_and_replay_sends_the_range(s: &'static Servers) {
+    let tc = TestCase::on(s, "replay_range").await;
     let text = config_text(&tc, "[replay]\nwindow = \"1h\"\n");
     let file = config_file(&text);
     let topic = tc.topic("order");
-    let db = servers().sql().await;
+    let db = s.sql().await;
 
     let relay = start_relay(config(&text)).await;
     let slot_start = tc.confirmed().await;

@@ -11,15 +11,19 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_then_restart_delivers_every_row() {
-    let tc = TestCase::new("sigterm").await;
-    let s = servers();
+    sigterm_then_restart_repeats_only_unconfirmed_rows(servers()).await;
+}
+
+/// Also run on each version of the matrix.
+pub async fn sigterm_then_restart_repeats_only_unconfirmed_rows(s: &'static Servers) {
+    let tc = TestCase::on(s, "sigterm").await;
     let dir = tempfile::tempdir().unwrap();
     let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 4000;
     let table = tc.table.clone();
     let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
+        let db = s.sql().await;
         for i in (0..TOTAL).step_by(5) {
             insert_rows(&db, &table, "evt", i, 5).await;
             tokio::time::sleep(Duration::from_millis(4)).await;

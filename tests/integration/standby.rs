@@ -7,11 +7,8 @@ use crate::harness::*;
 
 /// The port of the server a multi-host URL connected to.
 async fn connected_port(url: &str) -> i32 {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    connect(url)
         .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-    tokio::spawn(conn);
-    client
         .query_one("SELECT inet_server_port()", &[])
         .await
         .unwrap()
@@ -19,12 +16,7 @@ async fn connected_port(url: &str) -> i32 {
 }
 
 async fn count(c: &PgCluster) -> i64 {
-    c.sql()
-        .await
-        .query_one("SELECT count(*) FROM failover_probe", &[])
-        .await
-        .unwrap()
-        .get(0)
+    c.value("SELECT count(*) FROM failover_probe").await
 }
 
 async fn standby_follows_and_is_promoted_after_the_primary_crashes(major: u32) {

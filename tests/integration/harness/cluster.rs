@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::postgres::{
-    init_cluster, postgres_options, socket_url, tcp_url, wait_ready, ClusterDir, PgInstall,
-    PASSWORD,
+    connect, init_cluster, postgres_options, socket_url, tcp_url, wait_ready, ClusterDir,
+    PgInstall, PASSWORD,
 };
 use super::process::{as_postgres, chown, free_port, shell_quote};
 
@@ -165,17 +165,12 @@ impl PgCluster {
     }
 
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.socket_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connect to PostgreSQL {} on {}: {e}",
-                    self.major(),
-                    self.port
-                )
-            });
-        tokio::spawn(conn);
-        client
+        connect(&self.socket_url()).await
+    }
+
+    /// The one value `sql` returns (e.g. `SELECT pg_is_in_recovery()`).
+    pub async fn value<T: tokio_postgres::types::FromSqlOwned>(&self, sql: &str) -> T {
+        self.sql().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
     /// The server log so far.

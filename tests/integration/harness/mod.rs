@@ -37,7 +37,7 @@ pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]
 pub use kafka::{consume_all, consume_raw_values, consume_until, seqs, Consumed};
 #[allow(unused_imports)]
-pub use postgres::{npm_versions, PgInstall, PASSWORD};
+pub use postgres::{connect, npm_versions, PgInstall, PASSWORD};
 #[allow(unused_imports)]
 pub use process::free_addr;
 #[allow(unused_imports)]
@@ -49,7 +49,7 @@ pub use servers::{create_role, servers, servers_on, Servers};
 #[allow(unused_imports)]
 pub use standby::{multi_host_url, StandbyOptions};
 #[allow(unused_imports)]
-pub use tansu::{tansu_bin, Tansu};
+pub use tansu::{shared_brokers, tansu_bin, Tansu};
 
 /// Polls `f` until it returns true or `secs` pass.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)

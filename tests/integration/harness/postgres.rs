@@ -284,6 +284,15 @@ pub(crate) fn socket_url(dir: &Path, port: u16) -> String {
     )
 }
 
+/// A connection (the driver task spawned on the current runtime).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
 /// Waits until the server at `url` answers a query (the npm builds have no
 /// pg_isready); panics after 60 s with the server log.
 pub(crate) fn wait_ready(url: &str, c: &ClusterDir) {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use super::postgres::{
-    init_cluster, postgres_options, socket_url, tcp_url, wait_ready, PgInstall, PASSWORD,
+    connect, init_cluster, postgres_options, socket_url, tcp_url, wait_ready, PgInstall, PASSWORD,
 };
 use super::process::{free_port, supervise, wait_port, Watchdog};
 use super::tansu::shared_brokers;
@@ -79,11 +79,7 @@ impl Servers {
     }
 
     pub async fn sql(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("connect to test PostgreSQL {}: {e}", self.major));
-        tokio::spawn(conn);
-        client
+        connect(&self.url()).await
     }
 }
 

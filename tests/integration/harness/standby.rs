@@ -114,24 +114,13 @@ impl PgCluster {
 
     /// Whether the server is a standby (in recovery).
     pub async fn in_recovery(&self) -> bool {
-        self.sql()
-            .await
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .unwrap()
-            .get(0)
+        self.value("SELECT pg_is_in_recovery()").await
     }
 
     /// The primary's WAL write position (`pg_current_wal_lsn()`).
     pub async fn current_lsn(&self) -> Lsn {
-        self.sql()
-            .await
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get::<_, String>(0)
-            .parse()
-            .unwrap()
+        let lsn: String = self.value("SELECT pg_current_wal_lsn()::text").await;
+        lsn.parse().unwrap()
     }
 
     /// Waits (60 s at most) until this standby has replayed WAL up to `lsn`.

@@ -45,7 +45,7 @@ fn start_tansu(port: u16) -> Watchdog {
 
 /// The broker every test of this binary shares (all PostgreSQL versions):
 /// bootstrap servers. Started on first use, stopped when the process exits.
-pub(crate) fn shared_brokers() -> &'static str {
+pub fn shared_brokers() -> &'static str {
     static SHARED: OnceLock<(String, Mutex<Watchdog>)> = OnceLock::new();
     &SHARED
         .get_or_init(|| {
