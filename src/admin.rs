@@ -43,32 +43,74 @@ Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the
 /// How long the admin commands wait for a connection unless the URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The configs `init` and `status` act on: this instance's shard, or with
+/// `all_shards` every shard of the layout.
+fn shard_configs(cfg: &Config, all_shards: bool) -> Vec<Config> {
+    if all_shards {
+        cfg.shard.shard().all().map(|s| cfg.for_shard(s)).collect()
+    } else {
+        vec![cfg.clone()]
+    }
+}
+
 /// Runs `outbox-relay init`.
-pub fn init_main(cfg: &Config, dry_run: bool) -> ExitCode {
+pub fn init_main(cfg: &Config, dry_run: bool, all_shards: bool) -> ExitCode {
     with_client(cfg, |client| async move {
         let mut out = std::io::stdout().lock();
-        init::run(&client, cfg, dry_run, &mut out).await
+        let configs = shard_configs(cfg, all_shards);
+        for c in &configs {
+            if configs.len() > 1 {
+                let _ = writeln!(out, "-- shard {}", c.shard.shard());
+            }
+            if let Some(code) = init::run(&client, c, dry_run, &mut out).await? {
+                return Ok(Some(code));
+            }
+        }
+        if !dry_run {
+            init::report_cut_over(&client, cfg, &mut out).await?;
+        }
+        Ok(None)
     })
 }
 
 /// Runs `outbox-relay status`; `config_path` goes into the hint for a missing slot.
-pub fn status_main(cfg: &Config, config_path: &Path, json: bool) -> ExitCode {
+pub fn status_main(cfg: &Config, config_path: &Path, json: bool, all_shards: bool) -> ExitCode {
     with_client(cfg, |client| async move {
-        let report = status::read(&client, cfg).await?;
         let mut out = std::io::stdout().lock();
-        if json {
+        let configs = shard_configs(cfg, all_shards);
+        let mut reports = Vec::new();
+        for c in &configs {
+            reports.push(status::read(&client, c).await?);
+        }
+        if json && all_shards {
+            let all: Vec<_> = reports.iter().map(|r| r.json()).collect();
             let _ = writeln!(
                 out,
                 "{}",
-                serde_json::to_string(&report.json()).expect("serializable")
+                serde_json::to_string(&all).expect("serializable")
+            );
+        } else if json {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&reports[0].json()).expect("serializable")
             );
         } else {
-            let _ = out.write_all(report.text().as_bytes());
+            for (c, r) in configs.iter().zip(&reports) {
+                if configs.len() > 1 {
+                    let _ = writeln!(out, "-- shard {}", c.shard.shard());
+                }
+                let _ = out.write_all(r.text().as_bytes());
+            }
         }
-        Ok(report.problem(config_path).map(|reason| {
+        let problems: Vec<String> = reports
+            .iter()
+            .filter_map(|r| r.problem(config_path))
+            .collect();
+        for reason in &problems {
             eprintln!("outbox-relay: {reason}");
-            1
-        }))
+        }
+        Ok((!problems.is_empty()).then_some(1))
     })
 }
 

@@ -117,6 +117,9 @@ pub enum Command {
         /// Print the SQL that would run (one statement per line) and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// With shard.count > 1: every shard's publication and slot, not only shard.index's.
+        #[arg(long)]
+        all_shards: bool,
     },
     /// Show the replication slot, its retained WAL and lag, and the publication.
     ///
@@ -132,6 +135,9 @@ pub enum Command {
         /// Print one JSON object (LSNs as "X/X" strings, byte counts as numbers) instead of text.
         #[arg(long)]
         json: bool,
+        /// With shard.count > 1: every shard (text: one block per shard; JSON: an array).
+        #[arg(long)]
+        all_shards: bool,
     },
 }
 
@@ -184,12 +190,20 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Init { config, dry_run } => match load(&config) {
-            Ok(cfg) => crate::admin::init_main(&cfg, dry_run),
+        Command::Init {
+            config,
+            dry_run,
+            all_shards,
+        } => match load(&config) {
+            Ok(cfg) => crate::admin::init_main(&cfg, dry_run, all_shards),
             Err(code) => code,
         },
-        Command::Status { config, json } => match load(&config) {
-            Ok(cfg) => crate::admin::status_main(&cfg, &config, json),
+        Command::Status {
+            config,
+            json,
+            all_shards,
+        } => match load(&config) {
+            Ok(cfg) => crate::admin::status_main(&cfg, &config, json, all_shards),
             Err(code) => code,
         },
         Command::Run { config, start_lsn } => {
@@ -259,7 +273,7 @@ async fn run(cfg: Config, opts: RunOptions) -> ExitCode {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     });
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_shard(cfg.shard.shard()));
     if !cfg.metrics.listen.is_empty() {
         match crate::http::bind(&cfg.metrics.listen).await {
             Ok(listener) => {

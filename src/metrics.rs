@@ -108,7 +108,17 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let r = Registry::new();
+        Metrics::for_shard(crate::shard::Shard::SINGLE)
+    }
+
+    /// Every series carries `shard="<index>"` when the outbox is sharded
+    /// (one scrape target per shard instance); without sharding the series
+    /// are exactly those of [`Metrics::new`].
+    pub fn for_shard(shard: crate::shard::Shard) -> Metrics {
+        let labels = shard.is_sharded().then(|| {
+            std::collections::HashMap::from([("shard".to_string(), shard.index.to_string())])
+        });
+        let r = Registry::new_custom(None, labels).expect("valid shard label");
         let build = IntGaugeVec::new(
             Opts::new("outbox_relay_build_info", "Build information; always 1"),
             &["version"],

@@ -164,7 +164,10 @@ pub struct OtherShardSlot {
 }
 
 fn others_layouts(others: &[OtherShardSlot]) -> String {
-    let mut counts: Vec<String> = others.iter().map(|o| format!("{}-shard", o.count)).collect();
+    let mut counts: Vec<String> = others
+        .iter()
+        .map(|o| format!("{}-shard", o.count))
+        .collect();
     counts.dedup();
     counts.join(" and ")
 }
@@ -667,8 +670,7 @@ async fn ensure_publication(
             })
         }
         None => {
-            let sql =
-                create_publication_sql(name, table, partitioned, row_filter(cfg).as_deref());
+            let sql = create_publication_sql(name, table, partitioned, row_filter(cfg).as_deref());
             match client.batch_execute(&sql).await {
                 Ok(()) => {
                     created = true;

@@ -140,7 +140,9 @@ mod tests {
         assert_eq!(Shard::of_hash(Some(i32::MIN), 3), 0);
         assert_eq!(Shard::of_hash(Some(-1), 2), 1);
         assert_eq!(
-            Shard { index: 1, count: 2 }.row_filter("\"aggregate_id\"").unwrap(),
+            Shard { index: 1, count: 2 }
+                .row_filter("\"aggregate_id\"")
+                .unwrap(),
             "COALESCE((hashtext(\"aggregate_id\"::text) & 2147483647) % 2, 0) = 1"
         );
         assert_eq!(Shard::SINGLE.row_filter("k"), None);
@@ -150,6 +152,8 @@ mod tests {
     fn the_index_comes_from_a_number_or_a_pod_name() {
         assert_eq!(parse_index("2"), Ok(2));
         assert_eq!(parse_index("outbox-relay-11"), Ok(11));
-        assert!(parse_index("outbox-relay").unwrap_err().contains("pod name"));
+        assert!(parse_index("outbox-relay")
+            .unwrap_err()
+            .contains("pod name"));
     }
 }

@@ -10,7 +10,7 @@ use crate::config::{Config, TableName};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
 use crate::server::Server;
-use crate::setup::{self, q, Role, SetupError};
+use crate::setup::{self, q, OtherShardSlot, Role, SetupError};
 
 /// What `init` found on the server; everything [`plan`] needs.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Facts {
     /// `None` if the slot does not exist.
     pub slot: Option<SlotFacts>,
     pub state: StateFacts,
+    /// Slots of the same base name with another shard count.
+    pub other_layouts: Vec<OtherShardSlot>,
 }
 
 /// The relay's own tables (`[checkpoint] schema`).
@@ -210,7 +212,9 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
         may_create: row.get(0),
         schema_exists: row.get(1),
     };
+    let other_layouts = setup::other_layouts(client, cfg).await?;
     Ok(Facts {
+        other_layouts,
         server,
         state,
         wal_level: settings.get(0),
@@ -239,7 +243,16 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
             .check_supported()
             .and_then(|()| server.check_standby())
             .and_then(|()| server.failover_slot(cfg.postgres.failover_slot).map(drop))
-        {
+            .and_then(|()| {
+                if cfg.shard.count > 1 && server.version_num < 150000 {
+                    Err(SetupError::ShardingNeeds15 {
+                        count: cfg.shard.count,
+                        version_num: server.version_num,
+                    })
+                } else {
+                    Ok(())
+                }
+            }) {
             Err(e) => Problem(e),
             Ok(()) => ItemState::Ok(format!(
                 "PostgreSQL {}, {}",
@@ -468,6 +481,21 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
         ));
     }
 
+    if !f.other_layouts.is_empty() {
+        items.push(item(
+            "shard layout".into(),
+            ItemState::Warn(format!(
+                "slots of another shard count exist ({}); a missing slot of the {}-shard set is created beside them. {}",
+                f.other_layouts
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cfg.shard.count,
+                setup::reshard_procedure(cfg.shard.count, &f.other_layouts)
+            )),
+        ));
+    }
     let schema = &cfg.checkpoint.schema;
     items.push(item(
         format!("state tables {schema}"),
@@ -587,4 +615,40 @@ pub(super) async fn run(
         }
     }
     Ok(None)
+}
+
+/// After `init` created slots beside those of another shard count: the LSN
+/// the old relays must confirm before they are stopped (the highest start of
+/// the new set), and where each old slot is now.
+pub(super) async fn report_cut_over(
+    client: &Client,
+    cfg: &Config,
+    out: &mut impl Write,
+) -> Result<(), SetupError> {
+    let others = setup::other_layouts(client, cfg).await?;
+    if others.is_empty() {
+        return Ok(());
+    }
+    let mut start = crate::lsn::Lsn::ZERO;
+    for shard in cfg.shard.shard().all() {
+        let c = cfg.for_shard(shard);
+        if let Some((s, _, _)) = setup::slot_state(client, None, &c.postgres.slot).await? {
+            start = start.max(s.confirmed_flush);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\ncut-over: the {}-shard set starts at or before {start}; keep the old relays running until each of their slots below has confirmed at or after {start}, then stop them and drop their slots and publications before starting the new relays",
+        cfg.shard.count
+    );
+    for o in others {
+        let _ = writeln!(
+            out,
+            "  {}  confirmed_flush_lsn {}{}",
+            o.name,
+            o.confirmed,
+            if o.active { " (streaming)" } else { "" }
+        );
+    }
+    Ok(())
 }

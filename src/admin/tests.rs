@@ -67,6 +67,7 @@ fn fresh() -> Facts {
         },
         publication: None,
         slot: None,
+        other_layouts: Vec::new(),
         state: StateFacts {
             exists: false,
             usable: false,

@@ -87,3 +87,14 @@ impl ShardConfig {
         Ok(())
     }
 }
+
+impl super::Config {
+    /// This config for shard `shard` of the same layout: its slot and publication names.
+    pub fn for_shard(&self, shard: Shard) -> super::Config {
+        let mut c = self.clone();
+        c.shard.index = shard.index;
+        c.postgres.slot = shard.name(&c.shard.base_slot);
+        c.postgres.publication = shard.name(&c.shard.base_publication);
+        c
+    }
+}

@@ -20,6 +20,7 @@ mod metrics;
 mod mock_broker;
 mod partitioned;
 mod replay;
+mod sharding;
 mod shutdown;
 mod standby;
 mod standby_decoding;
