@@ -93,13 +93,21 @@ impl std::fmt::Display for Shard {
     }
 }
 
-/// Parses `OUTBOX_RELAY_SHARD_INDEX`: a number, or a name ending in `-<number>`
-/// (a StatefulSet pod name such as `outbox-relay-2`, from the downward API).
-pub fn parse_index(v: &str) -> Result<u32, String> {
-    let digits = v.rsplit('-').next().unwrap_or(v);
-    digits.parse().map_err(|_| {
-        format!("{v:?} is not a shard index: give a number, or a pod name ending in -<number> (e.g. outbox-relay-2)")
-    })
+/// Parses `OUTBOX_RELAY_SHARD_INDEX` for a layout of `count` shards: a
+/// number (the index itself), or a name ending in `-<ordinal>` (a StatefulSet
+/// pod name such as `outbox-relay-3`, from the downward API), whose shard is
+/// the ordinal modulo `count`: with `replicas = 2 × count` every shard has two
+/// pods, one streaming and one standing by.
+pub fn parse_index(v: &str, count: u32) -> Result<u32, String> {
+    if let Ok(i) = v.parse() {
+        return Ok(i);
+    }
+    v.rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u32>().ok())
+        .map(|ordinal| ordinal % count.max(1))
+        .ok_or_else(|| {
+            format!("{v:?} is not a shard index: give a number, or a pod name ending in -<ordinal> (e.g. outbox-relay-2)")
+        })
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ pub struct ShardConfig {
     /// than 1. Default 1 (not sharded). `OUTBOX_RELAY_SHARD_COUNT` overrides.
     pub count: u32,
     /// This instance's shard, 0 to count-1. Default 0.
-    /// `OUTBOX_RELAY_SHARD_INDEX` overrides (a number, or a pod name ending in -N).
+    /// `OUTBOX_RELAY_SHARD_INDEX` overrides: a number, or a StatefulSet pod
+    /// name ending in -N, whose shard is N modulo count (so replicas = 2 ×
+    /// count gives every shard a hot standby).
     pub index: u32,
     /// `postgres.slot` as configured (the shards' slots are named after it).
     #[serde(skip)]
@@ -64,7 +66,7 @@ impl ShardConfig {
             })?;
         }
         if let Some(v) = env(ENV_SHARD_INDEX).filter(|v| !v.is_empty()) {
-            self.index = parse_index(&v)
+            self.index = parse_index(&v, self.count)
                 .map_err(|m| invalid("shard.index", format!("{ENV_SHARD_INDEX}={m}")))?;
         }
         if !(1..=MAX_SHARDS).contains(&self.count) {

@@ -146,3 +146,67 @@ fn kubernetes_runs_a_hot_standby_pair_with_probes() {
         ("metrics", "/metrics")
     );
 }
+
+#[test]
+fn the_sharded_statefulset_gives_every_shard_two_pods_from_the_pod_name() {
+    let dir = deploy().join("k8s-sharded");
+    let kustomization = yaml(&dir.join("kustomization.yaml"));
+    let mut objects = Vec::new();
+    for resource in kustomization["resources"].as_sequence().expect("resources") {
+        objects.extend(yaml_docs(&dir.join(resource.as_str().unwrap())));
+    }
+    let set = k8s_object(&objects, "StatefulSet");
+    let configmap = k8s_object(&objects, "ConfigMap");
+    let service = k8s_object(&objects, "Service");
+    assert_eq!(set["spec"]["serviceName"], service["metadata"]["name"]);
+    assert_eq!(service["spec"]["clusterIP"].as_str(), Some("None"));
+    let labels = &set["spec"]["template"]["metadata"]["labels"];
+    assert!(labels_match(&service["spec"]["selector"], labels));
+    assert!(labels_match(
+        &k8s_object(&objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        labels
+    ));
+    let c = &set["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()[0];
+    let index = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("OUTBOX_RELAY_SHARD_INDEX"))
+        .expect("OUTBOX_RELAY_SHARD_INDEX");
+    assert_eq!(
+        str_at(index, &["valueFrom", "fieldRef", "fieldPath"]),
+        "metadata.name"
+    );
+    let volume = &set["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()[0];
+    assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
+
+    // Each pod's name gives its shard; every shard gets two pods (one stands by).
+    let text = str_at(configmap, &["data", "relay.toml"]);
+    let name = str_at(set, &["metadata", "name"]);
+    let replicas = set["spec"]["replicas"].as_u64().unwrap() as u32;
+    let mut pods_per_shard = std::collections::BTreeMap::new();
+    let mut count = 0;
+    for ordinal in 0..replicas {
+        let pod = format!("{name}-{ordinal}");
+        let cfg = outbox_relay::config::Config::from_toml(text, Path::new("relay.toml"), |k| {
+            (k == "OUTBOX_RELAY_SHARD_INDEX").then(|| pod.clone())
+        })
+        .unwrap_or_else(|e| panic!("{pod}: {e}"));
+        count = cfg.shard.count;
+        *pods_per_shard.entry(cfg.shard.index).or_insert(0) += 1;
+        assert_eq!(
+            cfg.postgres.slot,
+            format!("outbox_relay_shard{}of{count}", ordinal % count)
+        );
+    }
+    assert!(count > 1, "the example is sharded");
+    assert_eq!(pods_per_shard.len() as u32, count, "every shard has pods");
+    assert!(
+        pods_per_shard.values().all(|n| *n == 2),
+        "{pods_per_shard:?}"
+    );
+}
