@@ -158,9 +158,15 @@ mod tests {
 
     #[test]
     fn the_index_comes_from_a_number_or_a_pod_name() {
-        assert_eq!(parse_index("2"), Ok(2));
-        assert_eq!(parse_index("outbox-relay-11"), Ok(11));
-        assert!(parse_index("outbox-relay")
+        assert_eq!(parse_index("2", 4), Ok(2));
+        assert_eq!(parse_index("outbox-relay-1", 2), Ok(1));
+        assert_eq!(
+            parse_index("outbox-relay-3", 2),
+            Ok(1),
+            "the standby of shard 1"
+        );
+        assert_eq!(parse_index("outbox-relay-11", 4), Ok(3));
+        assert!(parse_index("outbox-relay", 2)
             .unwrap_err()
             .contains("pod name"));
     }
