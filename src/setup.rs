@@ -72,14 +72,8 @@ pub enum SetupError {
         table: TableName,
         partitioned: bool,
     },
-    #[error("publication {name:?} {}; rows a filter passes over are never relayed: {}", match .found { Some(f) => format!("filters the rows of \"{table}\" with WHERE {f}"), None => format!("publishes every row of \"{table}\"") }, match .wanted { Some(w) => format!("shard {shard} needs WHERE ({w}); run ALTER PUBLICATION {} SET TABLE {} WHERE ({w});", quote_ident(.name), .table.quoted()), None => format!("run ALTER PUBLICATION {} SET TABLE {};", quote_ident(.name), .table.quoted()) })]
-    RowFilter {
-        name: String,
-        table: TableName,
-        found: Option<String>,
-        wanted: Option<String>,
-        shard: Shard,
-    },
+    #[error(transparent)]
+    RowFilter(Box<RowFilterMismatch>),
     #[error("shard.count = {count} needs PostgreSQL 15 or later for publication row filters (this server is {}); set shard.count = 1, or upgrade", crate::server::version_text(*.version_num))]
     ShardingNeeds15 { count: u32, version_num: i32 },
     #[error("shard.count is {count}, but the slots of this database are of a {} layout ({}); the relay does not create a new set of slots by itself, which could skip or repeat events. {}", others_layouts(.others), .others.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "), reshard_procedure(*.count, .others))]
@@ -151,6 +145,17 @@ pub enum SetupError {
     NoCreateState { schema: String },
     #[error("role {role_sql} may not use the relay's state tables in schema {schema:?}; as their owner run GRANT USAGE ON SCHEMA {} TO {role_sql}; GRANT SELECT, INSERT, UPDATE ON {0}.checkpoint, {0}.replay_request TO {role_sql}; GRANT USAGE ON SEQUENCE {0}.replay_request_id_seq TO {role_sql}; or set [checkpoint] schema to a schema of this role", quote_ident(.schema))]
     NoStatePrivileges { schema: String, role_sql: String },
+}
+
+/// A publication whose row filter is not what this shard needs.
+#[derive(Debug, thiserror::Error)]
+#[error("publication {name:?} {}; rows a filter passes over are never relayed: {}", match .found { Some(f) => format!("filters the rows of \"{table}\" with WHERE {f}"), None => format!("publishes every row of \"{table}\"") }, match .wanted { Some(w) => format!("shard {shard} needs WHERE ({w}); run ALTER PUBLICATION {} SET TABLE {} WHERE ({w});", quote_ident(.name), .table.quoted()), None => format!("run ALTER PUBLICATION {} SET TABLE {};", quote_ident(.name), .table.quoted()) })]
+pub struct RowFilterMismatch {
+    pub name: String,
+    pub table: TableName,
+    pub found: Option<String>,
+    pub wanted: Option<String>,
+    pub shard: Shard,
 }
 
 /// A slot of this database named after the same base slot, of another shard count.
@@ -731,13 +736,13 @@ fn check_row_filter(
     if fits {
         return Ok(());
     }
-    Err(SetupError::RowFilter {
+    Err(SetupError::RowFilter(Box::new(RowFilterMismatch {
         name: cfg.postgres.publication.clone(),
         table: table.clone(),
         found,
         wanted: row_filter(cfg),
         shard,
-    })
+    })))
 }
 
 /// Reads the slot; `None` if it does not exist.

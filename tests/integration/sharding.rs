@@ -371,3 +371,27 @@ async fn sharding_is_refused_on_14_which_has_no_row_filters() {
     );
     assert!(!tc.slot_exists(false).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_filtering_rows_the_relay_needs_is_refused() {
+    let tc = TestCase::new("rowfilter").await;
+    let db = servers().sql().await;
+    db.batch_execute(&format!(
+        "CREATE PUBLICATION {n} FOR TABLE public.{t} WHERE (aggregate_id = 'k1') WITH (publish = 'insert')",
+        n = tc.name,
+        t = tc.table
+    ))
+    .await
+    .unwrap();
+    let err = spawn_relay(tc.config()).join().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rows a filter passes over are never relayed")
+            && msg.contains(&format!(
+                "run ALTER PUBLICATION \"{}\" SET TABLE \"public\".\"{}\";",
+                tc.name, tc.table
+            )),
+        "{msg}"
+    );
+    assert!(!tc.slot_exists(false).await, "nothing created");
+}
