@@ -25,7 +25,7 @@ fn config(text: &str) -> Config {
 }
 
 /// The slot's stored checkpoint.
-async fn checkpoint(tc: &TestCase) -> Option<Lsn> {
+pub(crate) async fn checkpoint(tc: &TestCase) -> Option<Lsn> {
     servers()
         .sql()
         .await
@@ -51,14 +51,14 @@ fn consume(topic: String, expected: usize) -> Vec<Consumed> {
     consume_all(&servers().brokers, &[topic], expected)
 }
 
-async fn consume_async(topic: String, expected: usize) -> Vec<Consumed> {
+pub(crate) async fn consume_async(topic: String, expected: usize) -> Vec<Consumed> {
     tokio::task::spawn_blocking(move || consume(topic, expected))
         .await
         .unwrap()
 }
 
 /// The commit LSN header of the record with payload seq `seq`.
-fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
+pub(crate) fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
     got.iter()
         .find(|r| seqs(std::slice::from_ref(*r))[0] == seq)
         .and_then(|r| r.header("lsn"))
@@ -67,7 +67,7 @@ fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
         .unwrap()
 }
 
-fn sorted(mut v: Vec<i64>) -> Vec<i64> {
+pub(crate) fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
 }
