@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use outbox_relay::lsn::Lsn;
 
 use crate::harness::*;
-use crate::replay::{checkpoint, consume_async, lsn_of, sorted};
+use crate::replay::{checkpoint, consume_async, lsn_of, replay_range, sorted};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_advances_while_the_relay_streams_without_pause() {
@@ -93,17 +93,7 @@ async fn replay_right_after_consuming_its_range_resends_exactly_it() {
     );
 
     let started = Instant::now();
-    let out = relay_cli(
-        &[
-            "replay",
-            "--from-lsn",
-            &from.to_string(),
-            "--to-lsn",
-            &to.to_string(),
-        ],
-        file.path(),
-    )
-    .await;
+    let out = replay_range(file.path(), from, to).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert!(
         out.stdout

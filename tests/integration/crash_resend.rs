@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -169,18 +168,9 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
     .await;
     stop_reading.store(true, Ordering::Relaxed);
     reader.join().unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(&mut child);
 
-    let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
-        let mut distinct: Vec<i64> = seqs(g);
-        distinct.sort_unstable();
-        distinct.dedup();
-        distinct.len() >= total as usize
-    });
+    let got = consume_distinct(&s.brokers, &tc.topic("evt"), total as usize);
     let mut copies: HashMap<i64, usize> = HashMap::new();
     for seq in seqs(&got) {
         *copies.entry(seq).or_default() += 1;

@@ -802,6 +802,25 @@ pub fn spawn_relay_binary(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// Stops a relay binary with SIGTERM and asserts it exits 0.
+pub fn terminate(child: &mut Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}
+
+/// Reads `topic` until `total` distinct seqs (`0..total`, duplicates allowed) arrived.
+pub fn consume_distinct(brokers: &str, topic: &str, total: usize) -> Vec<Consumed> {
+    consume_until(brokers, &[topic.to_string()], |got| {
+        seqs(got)
+            .into_iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            >= total
+    })
+}
+
 /// Sequence numbers (`payload.seq`) of consumed records.
 pub fn seqs(got: &[Consumed]) -> Vec<i64> {
     got.iter()

@@ -67,6 +67,21 @@ pub(crate) fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
         .unwrap()
 }
 
+/// `outbox-relay replay --from-lsn FROM --to-lsn TO` with the config at `config`.
+pub(crate) async fn replay_range(config: &Path, from: Lsn, to: Lsn) -> Output {
+    relay_cli(
+        &[
+            "replay",
+            "--from-lsn",
+            &from.to_string(),
+            "--to-lsn",
+            &to.to_string(),
+        ],
+        config,
+    )
+    .await
+}
+
 pub(crate) fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
@@ -117,17 +132,7 @@ async fn restarts_skip_what_was_acknowledged_and_replay_sends_exactly_the_range(
     checkpoint_past(&tc, lsn_of(&got, 39)).await;
 
     // Replay (lsn_a, lsn_b] through the running relay: exactly the second batch again.
-    let out = relay_cli(
-        &[
-            "replay",
-            "--from-lsn",
-            &lsn_a.to_string(),
-            "--to-lsn",
-            &lsn_b.to_string(),
-        ],
-        file.path(),
-    )
-    .await;
+    let out = replay_range(file.path(), lsn_a, lsn_b).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("waiting for the instance"), "{out}");
     assert!(
@@ -464,13 +469,6 @@ fn next_json(lines: &mpsc::Receiver<String>) -> serde_json::Value {
 }
 
 /// SIGTERM, then waits for exit 0.
-fn terminate(child: &mut Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
-}
-
 #[tokio::test]
 async fn tail_and_the_stdout_sink_print_json_lines_and_confirm_nothing() {
     let tc = TestCase::new("replay_tail").await;
