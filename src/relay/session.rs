@@ -93,7 +93,7 @@ struct Stream {
     /// Records refused for good: never acknowledged, so draining does not wait for them.
     refused: usize,
     /// The tracker's confirmable position when it was last passed on (status
-    /// update, checkpoint progress): past it, [`Session::on_acked`] is due.
+    /// update, checkpoint progress): past it, [`Session::pass_on`] is due.
     passed_on: Lsn,
 }
 
@@ -218,7 +218,7 @@ impl Session<'_> {
                 // Before the reports too, for the same reason.
                 _ = &mut confirm_timer, if s.tracker.confirmed() > s.passed_on => {
                     confirm_timer.as_mut().reset(tokio::time::Instant::now() + confirm_interval);
-                    self.on_acked(&mut s, &mut writer).await
+                    self.pass_on(&mut s, &mut writer, false).await
                 }
                 // Acknowledgements before new input: memory stays bounded.
                 Some(report) = reports.recv() => self.on_reports(&mut s, producer, reports, report),
@@ -277,10 +277,7 @@ impl Session<'_> {
         if let Some(w) = self.window.as_mut() {
             w.observe(SystemTime::now(), s.tracker.confirmed());
         }
-        s.passed_on = s.tracker.confirmed();
-        self.metrics.acked_lsn.set(s.passed_on.0 as f64);
-        self.send_status(writer, s, true).await?;
-        self.publish(s);
+        self.pass_on(s, writer, true).await?;
         if s.plan.job_done(s.tracker.confirmed()) {
             let p = s.plan.job.take().expect("job_done checked it");
             tracing::info!(
@@ -309,19 +306,21 @@ impl Session<'_> {
         Ok(None)
     }
 
-    /// The acknowledged position advanced: confirm it to the slot (unless the
-    /// replay window holds the slot back) and hand it to the checkpoint writer
-    /// now rather than at the next tick, so that a crash re-sends only what
-    /// was in flight and what was acknowledged in the last
-    /// `postgres.confirm_interval_ms`.
-    async fn on_acked(
+    /// Passes the acknowledged position on: confirms it to the slot (unless
+    /// the replay window holds the slot back) and hands it to the checkpoint
+    /// writer. Called on every tick (`always`: the status update goes out as
+    /// the keepalive) and, between ticks, whenever the position advanced, so
+    /// that a crash re-sends only what was in flight and what was
+    /// acknowledged in the last `postgres.confirm_interval_ms`.
+    async fn pass_on(
         &mut self,
         s: &mut Stream,
         writer: &mut StatusWriter,
+        always: bool,
     ) -> Result<(), RelayError> {
         s.passed_on = s.tracker.confirmed();
         self.metrics.acked_lsn.set(s.passed_on.0 as f64);
-        self.send_status(writer, s, false).await?;
+        self.send_status(writer, s, always).await?;
         self.publish(s);
         Ok(())
     }
