@@ -51,10 +51,12 @@ pub(super) async fn checkpoint_task(
     let mut w = Writer {
         pg,
         cfg,
+        write_interval,
         metrics,
         store: None,
         written: Progress::default(),
         written_at: Instant::now(),
+        last_write: None,
         failing: false,
     };
     let mut ticker = tokio::time::interval(poll_interval);
@@ -91,54 +93,72 @@ pub(super) async fn checkpoint_task(
             }
             continue;
         }
-        let ok = w
-            .step(&p, stopping, matches!(wake, Wake::Tick), &pending)
-            .await;
         // The next write may follow one interval after this one; after a
         // failure, retry at the replay-request pace instead of every interval.
-        let next = if ok { write_interval } else { poll_interval };
-        write_timer.as_mut().reset(Instant::now() + next);
+        match w
+            .step(&p, stopping, matches!(wake, Wake::Tick), &pending)
+            .await
+        {
+            Step::Wrote => write_timer.as_mut().reset(Instant::now() + write_interval),
+            Step::Failed => write_timer.as_mut().reset(Instant::now() + poll_interval),
+            Step::Nothing => {}
+        }
         if stopping {
             return;
         }
     }
 }
 
+/// What one step of the writer did.
+enum Step {
+    Wrote,
+    Nothing,
+    Failed,
+}
+
 /// The writer's connection and what it stored last.
 struct Writer {
     pg: PgTarget,
     cfg: Config,
+    write_interval: Duration,
     metrics: Arc<Metrics>,
     store: Option<StateStore>,
     written: Progress,
+    /// When `written` was stored (at first: when the writer started).
     written_at: Instant,
+    /// When this writer last stored anything.
+    last_write: Option<Instant>,
     /// The last step failed (logged once per failure, not per attempt).
     failing: bool,
 }
 
 impl Writer {
     /// Connects if needed, stores `p` if it is due and, with `poll`, reads
-    /// whether a replay request waits. False when that failed.
+    /// whether a replay request waits.
     async fn step(
         &mut self,
         p: &Progress,
         stopping: bool,
         poll: bool,
         pending: &watch::Sender<bool>,
-    ) -> bool {
+    ) -> Step {
         if self.store.is_none() {
             match connect(&self.pg, &self.cfg).await {
                 Ok(st) => self.store = Some(st),
                 Err(e) => {
                     tracing::debug!(error = %e, "checkpoint: cannot connect");
-                    return false;
+                    return Step::Failed;
                 }
             }
         }
         let Some(st) = &self.store else {
-            return false;
+            return Step::Failed;
         };
-        let due = p.acked > self.written.acked
+        // A tick never writes sooner than the write interval allows.
+        let interval_passed = self
+            .last_write
+            .map_or(true, |t| t.elapsed() >= self.write_interval);
+        let due = (p.acked > self.written.acked && (stopping || interval_passed))
             || (p.window_start != self.written.window_start
                 && (stopping || self.written_at.elapsed() >= WINDOW_ONLY_WRITE_INTERVAL));
         let result = async {
@@ -163,12 +183,17 @@ impl Writer {
                 if due {
                     self.written = p.clone();
                     self.written_at = Instant::now();
+                    self.last_write = Some(self.written_at);
                 }
                 if self.failing {
                     tracing::info!("checkpoint writes work again");
                     self.failing = false;
                 }
-                true
+                if due {
+                    Step::Wrote
+                } else {
+                    Step::Nothing
+                }
             }
             Err(e) => {
                 self.metrics.error("checkpoint");
@@ -182,7 +207,7 @@ impl Writer {
                 if st.client().is_closed() {
                     self.store = None;
                 }
-                false
+                Step::Failed
             }
         }
     }
