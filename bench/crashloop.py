@@ -195,16 +195,15 @@ def run_crash_loop(ctx) -> dict:
             time.sleep(0.005)
             continue
         history = scraper.take()
+        # CPU first (a reaped process has none to read), then the last reading and the kill.
+        relay_cpu += (bench.proc_cpu_seconds(relay.pid) or cpu0) - cpu0
+        if ws0 is not None:
+            walsender_cpu += (bench.proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
         last = scrape(url)
         relay.send_signal(signal.SIGKILL)
         relay.wait()
         if last is None:
             raise bench.BenchError("no /metrics reading right before the kill")
-        c = bench.proc_cpu_seconds(relay.pid)
-        relay_cpu += (c or 0.0) - cpu0
-        if ws0 is not None:
-            w = bench.proc_cpu_seconds(int(walsender_pid))
-            walsender_cpu += (w or ws0) - ws0
         # The restart point: what the next instance starts from and skips through.
         row = db.one(
             f"SELECT confirmed_flush_lsn, (SELECT acked_lsn FROM outbox_relay.checkpoint "
@@ -235,11 +234,9 @@ def run_crash_loop(ctx) -> dict:
         if time.monotonic() > deadline:
             raise bench.BenchError("the relay did not confirm the end of the run within 120 s")
         time.sleep(0.1)
-    c = bench.proc_cpu_seconds(relay.pid)
-    relay_cpu += (c or 0.0) - cpu0
+    relay_cpu += (bench.proc_cpu_seconds(relay.pid) or cpu0) - cpu0
     if ws0 is not None:
-        w = bench.proc_cpu_seconds(int(walsender_pid))
-        walsender_cpu += (w or ws0) - ws0
+        walsender_cpu += (bench.proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
     final = scrape(url)
     produced_total += final["produced"] if final else 0.0
     scraper.stopped = True
