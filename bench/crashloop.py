@@ -237,6 +237,11 @@ def run_crash_loop(ctx) -> dict:
     relay_cpu += (bench.proc_cpu_seconds(relay.pid) or cpu0) - cpu0
     if ws0 is not None:
         walsender_cpu += (bench.proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
+    # The backend serving the last instance's checkpoint writes (it lives as
+    # long as that instance: with --crash-kills 0, the whole run).
+    cp_pid = db.one("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO %.checkpoint AS c%' "
+                    "OR query LIKE '%AND state = ''pending'')%' ORDER BY backend_start DESC LIMIT 1")
+    cp_cpu = bench.proc_cpu_seconds(int(cp_pid)) if cp_pid else None
     final = scrape(url)
     produced_total += final["produced"] if final else 0.0
     scraper.stopped = True
@@ -290,6 +295,7 @@ def run_crash_loop(ctx) -> dict:
         "relay_cores": round(relay_cpu / elapsed, 3),
         "walsender_cores": round(walsender_cpu / elapsed, 3),
         "checkpoint_writes_per_s": round(checkpoint_writes / elapsed, 1),
+        "checkpoint_backend_cores": round(cp_cpu / elapsed, 4) if cp_cpu is not None and not kills else None,
         "pgbench": out.strip().splitlines()[-6:] if out else err.strip().splitlines()[-3:],
     }
     (ctx.out / "crashloop.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -305,7 +311,8 @@ def markdown(res: dict) -> str:
         f"= {res['resent_pct']} % (relay counters: {res['resent_by_relay_counters']:,}); "
         f"kills within in_flight + acked_50ms + gap: {res['kills_within_bound']}/{len(res['kills'])}; "
         f"relay {res['relay_cores']} core, walsender {res['walsender_cores']} core, "
-        f"checkpoint writes {res['checkpoint_writes_per_s']}/s",
+        f"checkpoint writes {res['checkpoint_writes_per_s']}/s"
+        + (f" (their backend {res['checkpoint_backend_cores']} core)" if res.get("checkpoint_backend_cores") is not None else ""),
         "",
         "| kill at (s) | in flight | acked in last 50 ms | gap | re-sent | bound | restart point behind live ack (bytes) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
