@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use outbox_relay::lsn::Lsn;
 
 use crate::harness::*;
-use crate::replay::{checkpoint, consume_async, lsn_of, replay_range, sorted};
+use crate::replay::{checkpoint, consume_async, lsn_of, replay_range, replayed, sorted};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_advances_while_the_relay_streams_without_pause() {
@@ -101,12 +101,7 @@ async fn replay_right_after_consuming_its_range_resends_exactly_it() {
         "{out}"
     );
     let all = consume_async(topic, 901).await;
-    let replayed: Vec<_> = all
-        .iter()
-        .filter(|r| r.header("replayed").is_some())
-        .cloned()
-        .collect();
-    assert_eq!(sorted(seqs(&replayed)), (0..300).collect::<Vec<_>>());
+    assert_eq!(sorted(seqs(&replayed(&all))), (0..300).collect::<Vec<_>>());
     eprintln!(
         "replay of 300 just-consumed records took {:?} with the stored checkpoint {stored:?} behind it",
         started.elapsed()

@@ -87,6 +87,14 @@ pub(crate) fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v
 }
 
+/// The records sent again by a replay request (with a `replayed` header).
+pub(crate) fn replayed(got: &[Consumed]) -> Vec<Consumed> {
+    got.iter()
+        .filter(|r| r.header("replayed").is_some())
+        .cloned()
+        .collect()
+}
+
 fn originals(got: &[Consumed]) -> Vec<Consumed> {
     got.iter()
         .filter(|r| r.header("replayed").is_none())
@@ -145,11 +153,7 @@ async fn restarts_skip_what_was_acknowledged_and_replay_sends_exactly_the_range(
     // The live stream goes on after the replay.
     insert_rows(&db, &tc.table, "order", 40, 10).await;
     let got = consume_async(topic.clone(), 60).await;
-    let replayed: Vec<_> = got
-        .iter()
-        .filter(|r| r.header("replayed").is_some())
-        .cloned()
-        .collect();
+    let replayed = replayed(&got);
     assert_eq!(sorted(seqs(&replayed)), (10..20).collect::<Vec<_>>());
     assert_eq!(sorted(seqs(&originals(&got))), (0..50).collect::<Vec<_>>());
     let first = got.iter().find(|r| seqs(std::slice::from_ref(*r))[0] == 15);
