@@ -60,7 +60,7 @@ async fn replay_right_after_consuming_its_range_resends_exactly_it() {
     );
     let file = config_file(&text);
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = spawn_relay_binary(file.path(), log.path());
+    let _relay = KillOnDrop(spawn_relay_binary(file.path(), log.path()));
     eventually(60, "relay streaming from its slot", || tc.slot_exists(true)).await;
     let db = servers().sql().await;
     // The first acknowledgement is stored at once; the 600 below are not.
@@ -106,6 +106,4 @@ async fn replay_right_after_consuming_its_range_resends_exactly_it() {
         "replay of 300 just-consumed records took {:?} with the stored checkpoint {stored:?} behind it",
         started.elapsed()
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }

@@ -80,7 +80,7 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, text).unwrap();
     let log = dir.path().join("relay.log");
-    let mut child = spawn_relay_binary(&config, &log);
+    let mut child = KillOnDrop(spawn_relay_binary(&config, &log));
     eventually(60, "relay streaming from its slot", || tc.slot_exists(true)).await;
 
     // About 1,000 rows/s in transactions of 1 to 9 rows, until told to stop.
@@ -134,8 +134,8 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
         let Some(last) = read_metrics(&addr) else {
             panic!("no metrics from the running relay at {addr}");
         };
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         let history: Vec<Reading> = readings
             .lock()
             .unwrap()
@@ -156,7 +156,7 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
             max_seq: committed.load(Ordering::SeqCst),
         });
         readings.lock().unwrap().clear();
-        child = spawn_relay_binary(&config, &log);
+        child = KillOnDrop(spawn_relay_binary(&config, &log));
     }
     stop_writing.store(true, Ordering::Relaxed);
     let total = writer.await.unwrap();
@@ -168,7 +168,7 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
     .await;
     stop_reading.store(true, Ordering::Relaxed);
     reader.join().unwrap();
-    terminate(&mut child);
+    terminate(&mut child.0);
 
     let got = consume_distinct(&s.brokers, &tc.topic("evt"), total as usize);
     let mut copies: HashMap<i64, usize> = HashMap::new();

@@ -802,6 +802,16 @@ pub fn spawn_relay_binary(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// A relay binary killed when the test ends, also when it fails half-way.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Stops a relay binary with SIGTERM and asserts it exits 0.
 pub fn terminate(child: &mut Child) {
     let pid = child.id().to_string();
