@@ -1398,6 +1398,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="output directory (default target/bench/<time>)")
     ap.add_argument("--skip-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--timeout", type=int, default=600, help="seconds allowed for one catch-up (default 600)")
+    ap.add_argument("--crash-loop", action="store_true",
+                    help="run only the crash loop (bench/crashloop.py): a steady writer, SIGKILLs, restarts; "
+                         "re-sent and lost records per kill")
+    ap.add_argument("--crash-rate", type=int, default=3000, help="crash loop: rows/s (default 3000)")
+    ap.add_argument("--crash-seconds", type=int, default=30, help="crash loop: seconds of writing (default 30)")
+    ap.add_argument("--crash-kills", type=int, default=8,
+                    help="crash loop: SIGKILLs, 1-4 s apart (default 8; 0 = a steady run, for CPU)")
+    ap.add_argument("--crash-seed", type=int, default=12, help="crash loop: seed of the kill times (default 12)")
+    ap.add_argument("--relay-bin", type=Path, default=RELAY_BIN,
+                    help="crash loop: the relay binary (default target/release/outbox-relay; e.g. a build of an older commit)")
+    ap.add_argument("--consume-bin", type=Path, default=REPO / "target/release/examples/consume",
+                    help="crash loop: the consumer reading ids back (default target/release/examples/consume)")
+    ap.add_argument("--relay-setting", action="append", default=[], metavar="SECTION.KEY=TOML",
+                    help="crash loop: a relay config line, e.g. postgres.confirm_interval_ms=50; repeatable")
     args = ap.parse_args()
     if args.live_seconds is None:
         args.live_seconds = 10 if args.quick else 30
@@ -1434,7 +1448,7 @@ def main() -> int:
         log("cargo build --release (outbox-relay, examples bench_producer, bench_latency, bench_mock_broker)")
         r = subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay",
                             "--example", "bench_producer", "--example", "bench_latency",
-                            "--example", "bench_mock_broker"], cwd=REPO)
+                            "--example", "bench_mock_broker", "--example", "consume"], cwd=REPO)
         if r.returncode != 0:
             raise BenchError("cargo build --release failed")
     whole = CpuMeter()
@@ -1455,6 +1469,19 @@ def main() -> int:
     server_settings = {k: ctx.db.one(f"SHOW {k}") for k in PG_SETTINGS}
     if server_settings["wal_level"] != "logical":
         raise BenchError("wal_level must be logical")
+
+    if args.crash_loop:
+        # crashloop imports this file as `run`: the same module, not a second copy.
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import crashloop
+        r = crashloop.run_crash_loop(ctx)
+        r.update(started=started, machine=machine(), git=git_info())
+        (ctx.out / "crashloop.json").write_text(json.dumps(r, indent=2) + "\n")
+        md = crashloop.markdown(r)
+        (ctx.out / "crashloop.md").write_text(md)
+        print(md)
+        log(f"results: {ctx.out / 'crashloop.json'}, {ctx.out / 'crashloop.md'}")
+        return 0
 
     res = {
         "started": started,

@@ -102,6 +102,13 @@ pub struct PostgresConfig {
     /// Keep it well below the server's `wal_sender_timeout`.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Shortest interval between two standby status updates sent because the
+    /// acknowledged position advanced, in milliseconds. Default 20. The slot's
+    /// confirmed position trails the acknowledged one by about this much (plus
+    /// the walsender's reaction), so a restart after a crash re-sends only what
+    /// was in flight and what was acknowledged in this last interval.
+    #[serde(default = "default_confirm_interval_ms")]
+    pub confirm_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +239,9 @@ fn yes() -> bool {
 }
 fn default_status_interval_ms() -> u64 {
     1000
+}
+fn default_confirm_interval_ms() -> u64 {
+    20
 }
 fn default_table() -> String {
     "public.outbox".into()
@@ -532,6 +542,15 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=self.postgres.status_interval_ms).contains(&self.postgres.confirm_interval_ms) {
+            return Err(invalid(
+                "postgres.confirm_interval_ms",
+                format!(
+                    "{} is outside 1..={} (postgres.status_interval_ms); a status update is sent at least that often anyway",
+                    self.postgres.confirm_interval_ms, self.postgres.status_interval_ms
+                ),
+            ));
+        }
         self.table()?;
         let parts =
             parse_topic_template(&self.outbox.topic).map_err(|m| invalid("outbox.topic", m))?;
@@ -722,6 +741,9 @@ mod tests {
         assert_eq!(c.outbox.columns.payload, "payload");
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.postgres.status_interval_ms, 1000);
+        assert_eq!(c.postgres.confirm_interval_ms, 20);
+        assert_eq!(c.checkpoint.interval_ms, 1000);
+        assert_eq!(c.checkpoint.write_interval_ms, 20);
         let pg = c.postgres_config().unwrap();
         assert_eq!(pg.config.get_user(), Some("relay"));
         assert_eq!(pg.config.get_dbname(), Some("app"));
@@ -764,6 +786,8 @@ mod tests {
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[kafka.properties]\n\"bootstrap.servers\" = \"x\"\n", "set kafka.brokers instead"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[kafka.properties]\n\"linger.ms\" = [1]\n", "must be a string, number or boolean"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\nstatus_interval_ms = 0\n", "postgres.status_interval_ms"),
+            ("[postgres]\nurl = \"postgresql://a@b/c\"\nconfirm_interval_ms = 2000\n", "postgres.confirm_interval_ms"),
+            ("[postgres]\nurl = \"postgresql://a@b/c\"\n[checkpoint]\nwrite_interval_ms = 0\n", "checkpoint.write_interval_ms"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[relay]\nreconnect_backoff_min_ms = 0\n", "reconnect_backoff_min_ms"),
             ("[postgres]\nurl = \"postgresql://a@b/c\"\n[outbox.columns]\npayload = \"\"\n", "outbox.columns.payload"),
         ];

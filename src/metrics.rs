@@ -38,6 +38,7 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub received_lsn: Gauge,
     pub confirmed_lsn: Gauge,
+    pub acked_lsn: Gauge,
     pub server_wal_end_lsn: Gauge,
     pub replication_lag_bytes: Gauge,
     pub slot_retained_wal_bytes: Gauge,
@@ -177,6 +178,11 @@ impl Metrics {
             delivery_latency,
             received_lsn: gauge(&r, "received_lsn", "Last WAL position received, in bytes"),
             confirmed_lsn: gauge(&r, "confirmed_lsn", "Last position confirmed to PostgreSQL, in bytes"),
+            acked_lsn: gauge(
+                &r,
+                "acked_lsn",
+                "Highest commit end (or idle keepalive) position below which Kafka acknowledged every record, in bytes; confirmed_lsn and checkpoint_lsn follow it",
+            ),
             server_wal_end_lsn: gauge(&r, "server_wal_end_lsn", "Server WAL end from the last message, in bytes"),
             replication_lag_bytes: gauge(&r, "replication_lag_bytes", "Server WAL end minus confirmed position"),
             slot_retained_wal_bytes: gauge(

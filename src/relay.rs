@@ -20,13 +20,14 @@ use crate::pgoutput::DecodeError;
 use crate::replication::ReplicationError;
 use crate::setup::{self, SetupError};
 use crate::sink::Sink;
-use crate::state::{Checkpoint, StateStore};
 
+mod checkpoint;
 mod plan;
 mod session;
 mod window;
 
 use crate::transport::PgTarget;
+use checkpoint::checkpoint_task;
 use session::{Session, SessionEnd};
 pub use window::WindowKeeper;
 
@@ -152,11 +153,6 @@ struct Progress {
 
 /// Window samples stored with the checkpoint.
 const WINDOW_SAMPLES_STORED: usize = 64;
-
-/// A checkpoint write only for the window (the acknowledged position did not
-/// move) waits this long after the previous one: each write is WAL that moves
-/// the window on an idle database, which must not turn into a write per tick.
-const WINDOW_ONLY_WRITE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the relay until shutdown (`Ok`) or a fatal error. Failed sessions are
 /// retried with jittered exponential backoff; while another instance holds the
@@ -294,96 +290,6 @@ pub async fn run_with(
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     result
-}
-
-/// Stores the acknowledged position every `checkpoint.interval_ms` (when it
-/// moved) and once more when stopped, and says whether a replay request waits.
-async fn checkpoint_task(
-    pg: PgTarget,
-    cfg: Config,
-    metrics: Arc<Metrics>,
-    progress: watch::Receiver<Progress>,
-    pending: watch::Sender<bool>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let mut store: Option<StateStore> = None;
-    let mut written = Progress::default();
-    let mut written_at = tokio::time::Instant::now();
-    let mut failing = false;
-    let mut ticker = tokio::time::interval(Duration::from_millis(cfg.checkpoint.interval_ms));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = ticker.tick() => false,
-            _ = &mut stop => true,
-        };
-        if !progress.borrow().ready {
-            if stopping {
-                return;
-            }
-            continue;
-        }
-        if store.is_none() {
-            match setup::sql_connect(&pg).await {
-                Ok(c) => store = Some(StateStore::new(c, &cfg)),
-                Err(e) => tracing::debug!(error = %e, "checkpoint: cannot connect"),
-            }
-        }
-        let Some(st) = &store else {
-            if stopping {
-                return;
-            }
-            continue;
-        };
-        let p = progress.borrow().clone();
-        let due = p.acked > written.acked
-            || (p.window_start != written.window_start
-                && (stopping || written_at.elapsed() >= WINDOW_ONLY_WRITE_INTERVAL));
-        let step = async {
-            if due {
-                st.save(&Checkpoint {
-                    acked: p.acked,
-                    acked_at: SystemTime::now(),
-                    window_start: p.window_start,
-                    window_samples: p.window_samples.clone(),
-                })
-                .await?;
-                metrics.checkpoint_lsn.set(p.acked.0 as f64);
-            }
-            if !stopping {
-                pending.send_replace(st.has_pending().await?);
-            }
-            Ok::<_, SetupError>(())
-        };
-        match step.await {
-            Ok(()) => {
-                if due {
-                    written = p;
-                    written_at = tokio::time::Instant::now();
-                }
-                if failing {
-                    tracing::info!("checkpoint writes work again");
-                    failing = false;
-                }
-            }
-            Err(e) => {
-                metrics.error("checkpoint");
-                if !failing {
-                    // Once per failure, not per tick; the slot still guarantees
-                    // delivery, only the skipping of acknowledged transactions
-                    // after a restart and replay requests wait for it.
-                    tracing::warn!(error = %e, "cannot store the checkpoint or read replay requests; retrying");
-                    failing = true;
-                }
-                if st.client().is_closed() {
-                    store = None;
-                }
-            }
-        }
-        if stopping {
-            return;
-        }
-    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

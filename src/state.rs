@@ -96,6 +96,8 @@ pub struct ReplayJob {
 #[derive(Debug, Clone)]
 pub struct RequestState {
     pub state: String,
+    /// The range's end: lowered by the executing instance to what it had acknowledged.
+    pub to: Lsn,
     pub transactions: Option<i64>,
     pub events: Option<i64>,
     pub error: Option<String>,
@@ -440,10 +442,12 @@ impl<C: Borrow<Client>> StateStore<C> {
     }
 
     pub async fn request_state(&self, id: i64) -> Result<Option<RequestState>, SetupError> {
-        let row = self.client()
+        let row = self
+            .client()
             .query_opt(
                 &format!(
-                    "SELECT state, transactions, events, error FROM {}.replay_request WHERE id = $1",
+                    "SELECT state, transactions, events, error, to_lsn::text
+                     FROM {}.replay_request WHERE id = $1",
                     self.schema
                 ),
                 &[&id],
@@ -455,7 +459,24 @@ impl<C: Borrow<Client>> StateStore<C> {
             transactions: r.get(1),
             events: r.get(2),
             error: r.get(3),
+            to: r.get::<_, String>(4).parse().unwrap_or(Lsn::ZERO),
         }))
+    }
+
+    /// Ends request `id`'s range at `to` (what the executing instance has acknowledged).
+    pub async fn lower_to(&self, id: i64, to: Lsn) -> Result<(), SetupError> {
+        self.client()
+            .execute(
+                &format!(
+                    "UPDATE {}.replay_request SET to_lsn = $2::text::pg_lsn
+                     WHERE id = $1 AND to_lsn > $2::text::pg_lsn",
+                    self.schema
+                ),
+                &[&id, &to.to_string()],
+            )
+            .await
+            .map_err(q("lowering the end of a replay request"))?;
+        Ok(())
     }
 
     /// Marks the request failed whether or not it started (the process that

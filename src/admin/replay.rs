@@ -33,32 +33,49 @@ pub struct Range {
     pub to: Lsn,
     /// `--to-lsn` was past the checkpoint and was lowered to it.
     pub clamped: bool,
+    /// The range goes past the stored checkpoint: the instance holding the
+    /// slot ends it at what it has acknowledged when it takes the request.
+    pub up_to_live: bool,
 }
 
+/// Stands for "everything acknowledged" in a request for the live instance.
+const LIVE_END: Lsn = Lsn(u64::MAX);
+
 /// Checks `(from, to]` against the earliest replayable LSN (the slot's
-/// confirmed position) and the checkpoint (nothing after it was produced yet).
+/// confirmed position) and what was acknowledged: the stored `checkpoint`,
+/// or, while an instance holds the slot (`live`), whatever that instance has
+/// acknowledged, which it knows better than the row it stores a moment later.
 pub fn check_range(
     from: Lsn,
     to: Option<Lsn>,
     earliest: Lsn,
-    checkpoint: Lsn,
+    checkpoint: Option<Lsn>,
+    live: bool,
 ) -> Result<Range, String> {
     if from < earliest {
         return Err(format!(
             "cannot replay from {from}: the slot keeps WAL only from {earliest}, the earliest replayable LSN; replay from {earliest} or later, and set [replay] window (e.g. \"1h\" or \"2GB\") to keep more next time"
         ));
     }
+    let stored = checkpoint.unwrap_or(Lsn::ZERO);
     let (to, clamped) = match to {
-        Some(t) if t > checkpoint => (checkpoint, true),
-        Some(t) => (t, false),
-        None => (checkpoint, false),
+        Some(t) if live || t <= stored => (t, false),
+        Some(_) => (stored, true),
+        None if live => (LIVE_END, false),
+        None => (stored, false),
     };
     if from >= to {
+        let cp = checkpoint.map_or("none stored".into(), |c| c.to_string());
         return Err(format!(
-            "nothing to replay: the range ({from}, {to}] is empty (the checkpoint, the last acknowledged position, is {checkpoint}; the earliest replayable LSN is {earliest}); pass a --from-lsn between them, and set [replay] window to keep more WAL replayable"
+            "nothing to replay: the range ({from}, {to}] is empty (the checkpoint, the last acknowledged position stored, is {cp}; the earliest replayable LSN is {earliest}); pass a --from-lsn between them, and set [replay] window to keep more WAL replayable"
         ));
     }
-    Ok(Range { from, to, clamped })
+    Ok(Range {
+        from,
+        to,
+        clamped,
+        up_to_live: live && to > stored,
+    })
 }
 
 /// Runs `outbox-relay replay`; returns the exit code.
@@ -97,28 +114,45 @@ pub(super) async fn run(
         return Ok(Some(2));
     };
     let store = StateStore::new(client, cfg);
-    let Some(cp) = store.load().await? else {
-        eprintln!("outbox-relay: slot {slot_name:?} has no checkpoint yet: nothing was acknowledged, so there is nothing to replay");
+    let cp = store.load().await?;
+    let live = slot.active_pid.is_some();
+    if cp.is_none() && !live {
+        eprintln!("outbox-relay: slot {slot_name:?} has no checkpoint and no instance streams from it: no relay has stored an acknowledged position for this slot yet, so nothing is known to be in Kafka; start the relay (`outbox-relay run`) and replay once it has delivered events");
         return Ok(Some(2));
-    };
-    let range = match check_range(args.from, args.to, slot.confirmed_flush, cp.acked) {
+    }
+    let stored = cp.as_ref().map(|c| c.acked);
+    let range = match check_range(args.from, args.to, slot.confirmed_flush, stored, live) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outbox-relay: {e}");
             return Ok(Some(2));
         }
     };
-    let _ = writeln!(
-        out,
-        "slot {slot_name}: earliest replayable {}, checkpoint {} ({} bytes replayable)",
-        slot.confirmed_flush,
-        cp.acked,
-        cp.acked.0.saturating_sub(slot.confirmed_flush.0)
-    );
+    let _ = match &cp {
+        Some(cp) => writeln!(
+            out,
+            "slot {slot_name}: earliest replayable {}, checkpoint {} ({} bytes replayable)",
+            slot.confirmed_flush,
+            cp.acked,
+            cp.acked.0.saturating_sub(slot.confirmed_flush.0)
+        ),
+        None => writeln!(
+            out,
+            "slot {slot_name}: earliest replayable {}, no checkpoint stored yet",
+            slot.confirmed_flush
+        ),
+    };
     if range.clamped {
         let _ = writeln!(
             out,
             "--to-lsn lowered to the checkpoint {}: later events have not been produced yet",
+            range.to
+        );
+    }
+    if range.up_to_live && range.to != LIVE_END {
+        let _ = writeln!(
+            out,
+            "--to-lsn {} is past the stored checkpoint: the instance holding the slot ends the range at what it has acknowledged",
             range.to
         );
     }
@@ -127,10 +161,15 @@ pub(super) async fn run(
         (None, Some(s)) => format!("to topics suffixed {s:?}"),
         (None, None) => "to their original topics".into(),
     };
+    let end = if range.to == LIVE_END {
+        "what the instance holding the slot has acknowledged".to_string()
+    } else {
+        range.to.to_string()
+    };
     let _ = writeln!(
         out,
-        "replaying every event committed in ({}, {}] {target}",
-        range.from, range.to
+        "replaying every event committed in ({}, {end}] {target}",
+        range.from
     );
     let id = store
         .request(
@@ -186,6 +225,13 @@ pub(super) async fn run(
     };
     match state.state.as_str() {
         "done" => {
+            if state.to != range.to {
+                let _ = writeln!(
+                    out,
+                    "request {id}: the range ended at {}, what the instance had acknowledged when it took the request",
+                    state.to
+                );
+            }
             let _ = writeln!(
                 out,
                 "request {id}: done in {:.1}s: {} events in {} transactions replayed; checkpoint unchanged (never moves back)",
@@ -201,11 +247,9 @@ pub(super) async fn run(
                 state.error.as_deref().unwrap_or("no reason recorded")
             );
             Ok(Some(
-                if state
-                    .error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("earliest replayable"))
-                {
+                if state.error.as_deref().is_some_and(|e| {
+                    e.contains("earliest replayable") || e.starts_with("nothing to replay")
+                }) {
                     2
                 } else {
                     1
@@ -260,29 +304,55 @@ mod tests {
 
     #[test]
     fn a_range_must_start_inside_the_window_and_end_at_the_checkpoint() {
-        let (earliest, cp) = (Lsn(1000), Lsn(5000));
+        let (earliest, cp) = (Lsn(1000), Some(Lsn(5000)));
         assert_eq!(
-            check_range(Lsn(2000), None, earliest, cp),
+            check_range(Lsn(2000), None, earliest, cp, false),
             Ok(Range {
                 from: Lsn(2000),
-                to: cp,
-                clamped: false
+                to: Lsn(5000),
+                clamped: false,
+                up_to_live: false,
             })
         );
         assert_eq!(
-            check_range(Lsn(1000), Some(Lsn(9000)), earliest, cp),
+            check_range(Lsn(1000), Some(Lsn(9000)), earliest, cp, false),
             Ok(Range {
                 from: Lsn(1000),
-                to: cp,
-                clamped: true
+                to: Lsn(5000),
+                clamped: true,
+                up_to_live: false,
             })
         );
-        let e = check_range(Lsn(999), None, earliest, cp).unwrap_err();
+        let e = check_range(Lsn(999), None, earliest, cp, false).unwrap_err();
         assert!(
             e.contains("earliest replayable LSN") && e.contains("0/3E8"),
             "{e}"
         );
-        let e = check_range(Lsn(5000), None, earliest, cp).unwrap_err();
+        let e = check_range(Lsn(5000), None, earliest, cp, false).unwrap_err();
         assert!(e.contains("nothing to replay"), "{e}");
+    }
+
+    #[test]
+    fn with_a_live_instance_the_range_may_go_past_the_stored_checkpoint() {
+        let earliest = Lsn(1000);
+        // Acknowledged a moment ago, not stored yet (or nothing stored at all).
+        for cp in [Some(Lsn(5000)), None] {
+            assert_eq!(
+                check_range(Lsn(2000), Some(Lsn(9000)), earliest, cp, true),
+                Ok(Range {
+                    from: Lsn(2000),
+                    to: Lsn(9000),
+                    clamped: false,
+                    up_to_live: true,
+                })
+            );
+            let r = check_range(Lsn(2000), None, earliest, cp, true).unwrap();
+            assert_eq!((r.to, r.up_to_live), (LIVE_END, true));
+        }
+        // Inside the checkpoint: nothing to ask the instance.
+        let r = check_range(Lsn(2000), Some(Lsn(3000)), earliest, Some(Lsn(5000)), true).unwrap();
+        assert!(!r.up_to_live && !r.clamped);
+        let e = check_range(Lsn(3000), Some(Lsn(3000)), earliest, None, true).unwrap_err();
+        assert!(e.contains("is empty") && e.contains("none stored"), "{e}");
     }
 }

@@ -1,8 +1,11 @@
 //! `status`: the slot's progress (from [`setup::slot_report`]), the
 //! publication and the reason to exit 1, as aligned text or one JSON object.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio_postgres::Client;
 
@@ -30,6 +33,11 @@ pub(super) struct Status {
     pub(super) slot_state: Option<SlotState>,
     /// Whether a failover keeps the slot (`Err`: why not, and the fix).
     pub(super) failover: Result<String, String>,
+    /// The state tables exist (else `checkpoint` is None for that reason).
+    pub(super) state_tables: bool,
+    /// What the instance holding the slot has acknowledged (maybe not stored
+    /// yet), from its `/metrics`, and the address it was read from.
+    pub(super) live_acked: Option<(Lsn, String)>,
 }
 
 /// `status --json`: one flat object; LSNs as `X/X`, byte counts as numbers.
@@ -58,6 +66,8 @@ pub(super) struct StatusJson<'a> {
     publication_tables: &'a [String],
     checkpoint_lsn: Option<Lsn>,
     checkpoint_age_seconds: Option<u64>,
+    checkpoint_age_ms: Option<u64>,
+    live_acked_lsn: Option<Lsn>,
     earliest_replayable_lsn: Option<Lsn>,
     replay_window_bytes: Option<u64>,
     replay_window_age_seconds: Option<u64>,
@@ -87,16 +97,23 @@ pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupE
         Some(r) => r.current_wal,
         None => setup::current_wal(client).await?,
     };
-    let checkpoint = if crate::state::exists(client, &cfg.checkpoint.schema).await? {
+    let state_tables = crate::state::exists(client, &cfg.checkpoint.schema).await?;
+    let checkpoint = if state_tables {
         StateStore::new(client, cfg).load().await?
     } else {
         None
+    };
+    let live_acked = match &report {
+        Some(r) if r.active => live_acked(&cfg.metrics.listen).await,
+        _ => None,
     };
     Ok(Status {
         server,
         slot_state,
         failover,
         checkpoint,
+        state_tables,
+        live_acked,
         slot: slot.clone(),
         report,
         kind,
@@ -180,7 +197,9 @@ impl Status {
             publication_exists: self.publication_tables.is_some(),
             publication_tables: self.publication_tables.as_deref().unwrap_or_default(),
             checkpoint_lsn: self.checkpoint.as_ref().map(|c| c.acked),
-            checkpoint_age_seconds: self.checkpoint.as_ref().map(|c| age(c.acked_at)),
+            checkpoint_age_seconds: self.checkpoint.as_ref().map(|c| age(c.acked_at) / 1000),
+            checkpoint_age_ms: self.checkpoint.as_ref().map(|c| age(c.acked_at)),
+            live_acked_lsn: self.live_acked.as_ref().map(|(l, _)| *l),
             earliest_replayable_lsn: r.map(|r| r.confirmed_flush),
             replay_window_bytes: self.window_bytes(),
             replay_window_age_seconds: self.window_age(),
@@ -195,7 +214,10 @@ impl Status {
 
     /// How long ago the replay window's start was acknowledged (a relay with `[replay] window`).
     fn window_age(&self) -> Option<u64> {
-        self.checkpoint.as_ref()?.window_start.map(|(_, t)| age(t))
+        self.checkpoint
+            .as_ref()?
+            .window_start
+            .map(|(_, t)| age(t) / 1000)
     }
 
     /// Aligned `key  value` lines; keys are the JSON field names.
@@ -239,8 +261,18 @@ impl Status {
         rows.push((
             "checkpoint_lsn",
             match &self.checkpoint {
-                Some(c) => format!("{} ({}s ago)", c.acked, age(c.acked_at)),
-                None => "- (nothing stored yet)".into(),
+                Some(c) => format!("{} (stored {} ms ago)", c.acked, age(c.acked_at)),
+                None if !self.state_tables => {
+                    "- (no state tables; `outbox-relay init` creates them)".into()
+                }
+                None => "- (no checkpoint yet: none stored for this slot)".into(),
+            },
+        ));
+        rows.push((
+            "live_acked_lsn",
+            match &self.live_acked {
+                Some((l, from)) => format!("{l} (from {from})"),
+                None => "-".into(),
             },
         ));
         rows.push((
@@ -299,11 +331,55 @@ impl Status {
     }
 }
 
-/// Whole seconds from `t` to now (0 for a time in the future).
+/// Whole milliseconds from `t` to now (0 for a time in the future).
 fn age(t: SystemTime) -> u64 {
     SystemTime::now()
         .duration_since(t)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long `status` waits for the relay's `/metrics`.
+const METRICS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// `outbox_relay_acked_lsn` of the instance at `metrics.listen`, if one
+/// answers there and streams (a wildcard listen address is asked on
+/// loopback). None when `status` runs on another host than the relay.
+async fn live_acked(listen: &str) -> Option<(Lsn, String)> {
+    let addr: SocketAddr = listen.parse().ok()?;
+    let addr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    let body = tokio::time::timeout(METRICS_TIMEOUT, async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    })
+    .await
+    .ok()??;
+    let value = |name: &str| {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    if value("outbox_relay_active") != Some(1.0) {
+        return None;
+    }
+    let acked = value("outbox_relay_acked_lsn").filter(|v| *v > 0.0)?;
+    Some((Lsn(acked as u64), format!("http://{addr}/metrics")))
 }
 
 /// `1234567 (1.2 MiB)`; small counts stay plain.

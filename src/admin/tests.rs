@@ -323,6 +323,8 @@ fn status(report: Option<SlotReport>) -> Status {
         server: pg(150018),
         slot_state: None,
         failover: Err("PostgreSQL 15 keeps logical slots on the primary only".into()),
+        state_tables: true,
+        live_acked: None,
     }
 }
 
@@ -350,6 +352,7 @@ fn status_text_is_aligned_and_json_is_flat() {
         window_start: Some((Lsn(0x1_0000_1000), later)),
         window_samples: Vec::new(),
     });
+    s.live_acked = Some((Lsn(0x1_0000_1900), "http://127.0.0.1:9187/metrics".into()));
     assert_eq!(
         s.text(),
         "slot                       s
@@ -363,7 +366,8 @@ current_wal_lsn            1/2000
 lag_bytes                  4096 (4.0 KiB)
 publication                p
 publication_tables         public.outbox
-checkpoint_lsn             1/1800 (0s ago)
+checkpoint_lsn             1/1800 (stored 0 ms ago)
+live_acked_lsn             1/1900 (from http://127.0.0.1:9187/metrics)
 earliest_replayable_lsn    1/1000
 replay_window_bytes        2048 (2.0 KiB)
 replay_window_age_seconds  0
@@ -378,6 +382,8 @@ failover                   unsafe: PostgreSQL 15 keeps logical slots on the prim
     assert_eq!(json["wal_status"], "reserved");
     assert_eq!(json["publication_tables"][0], "public.outbox");
     assert_eq!(json["checkpoint_lsn"], "1/1800");
+    assert_eq!(json["checkpoint_age_ms"], 0);
+    assert_eq!(json["live_acked_lsn"], "1/1900");
     assert_eq!(json["earliest_replayable_lsn"], "1/1000");
     assert_eq!(json["replay_window_bytes"], 2048);
     assert_eq!(s.problem(Path::new("relay.toml")), None);

@@ -32,6 +32,10 @@ pub struct Plan {
     /// without a live relay: those belong to the relay's next run).
     pub live: bool,
     pub job: Option<JobProgress>,
+    /// Everything up to here is known to be acknowledged: the stored
+    /// checkpoint, or what this process saw acknowledged since (not stored
+    /// yet). A replay request's range ends here at the latest.
+    pub acknowledged: Lsn,
 }
 
 impl Plan {
@@ -81,6 +85,7 @@ mod tests {
             skip_through: Lsn(110),
             live: true,
             job: None,
+            acknowledged: Lsn(110),
         };
         assert_eq!(plan.classify(Lsn(100)), TxClass::Skip);
         assert_eq!(plan.classify(Lsn(110)), TxClass::Live);
@@ -94,6 +99,7 @@ mod tests {
             skip_through: Lsn(400),
             live: true,
             job: Some(job(200, 300)),
+            acknowledged: Lsn(400),
         };
         let classes: Vec<_> = [150, 200, 250, 300, 400]
             .map(|c| plan.classify(Lsn(c)))
@@ -118,6 +124,7 @@ mod tests {
             skip_through: Lsn(10),
             live: false,
             job: Some(job(20, 30)),
+            acknowledged: Lsn(10),
         };
         assert_eq!(plan.classify(Lsn(25)), TxClass::Replay);
         assert_eq!(plan.classify(Lsn(40)), TxClass::Skip);

@@ -92,6 +92,9 @@ struct Stream {
     store: Option<StateStore>,
     /// Records refused for good: never acknowledged, so draining does not wait for them.
     refused: usize,
+    /// The tracker's confirmable position when it was last passed on (status
+    /// update, checkpoint progress): past it, [`Session::pass_on`] is due.
+    passed_on: Lsn,
 }
 
 impl Session<'_> {
@@ -197,10 +200,17 @@ impl Session<'_> {
             replay_header,
             store,
             refused: 0,
+            passed_on: confirmed,
         };
         let mut ticker =
             tokio::time::interval(Duration::from_millis(cfg.postgres.status_interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Passes an advanced acknowledged position on at most once per
+        // `postgres.confirm_interval_ms`: right away after a quiet spell, then
+        // at that rate while acknowledgements keep coming.
+        let confirm_interval = Duration::from_millis(cfg.postgres.confirm_interval_ms);
+        let confirm_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(confirm_timer);
         // Only requests filed after this session took its own count.
         let takes_requests = self.confirms;
         requests.borrow_and_update();
@@ -224,6 +234,11 @@ impl Session<'_> {
                         Err(e) => Err(e),
                     }
                 }
+                // Before the reports too, for the same reason.
+                _ = &mut confirm_timer, if s.tracker.confirmed() > s.passed_on => {
+                    confirm_timer.as_mut().reset(tokio::time::Instant::now() + confirm_interval);
+                    self.pass_on(&mut s, &mut writer, false).await
+                }
                 // Acknowledgements before new input: memory stays bounded.
                 Some(report) = reports.recv() => self.on_reports(&mut s, producer, reports, report),
                 _ = async { tokio::time::sleep(Duration::from_millis(2)).await }, if !s.pending.is_empty() => {
@@ -238,6 +253,11 @@ impl Session<'_> {
             if let Err(e) = step {
                 break Err(e);
             }
+            // An atomic store per wake-up: a scrape sees the in-flight count of
+            // the moment, not of the last tick (what a crash would re-send).
+            self.metrics
+                .records_in_flight
+                .set(s.tracker.in_flight() as i64);
         };
 
         // Broken connection: nothing more can be confirmed on it.
@@ -255,7 +275,7 @@ impl Session<'_> {
         };
         self.drain(&mut s, producer, reports, drain).await;
         self.first_seq = s.tracker.next_seq();
-        let _ = self.send_status(&mut writer, &s).await;
+        let _ = self.send_status(&mut writer, &s, true).await;
         self.publish(&mut s);
         self.abandon_job(&s, &result).await;
         end_stream(reader, writer).await;
@@ -276,8 +296,7 @@ impl Session<'_> {
         if let Some(w) = self.window.as_mut() {
             w.observe(SystemTime::now(), s.tracker.confirmed());
         }
-        self.send_status(writer, s).await?;
-        self.publish(s);
+        self.pass_on(s, writer, true).await?;
         if s.plan.job_done(s.tracker.confirmed()) {
             let p = s.plan.job.take().expect("job_done checked it");
             tracing::info!(
@@ -304,6 +323,25 @@ impl Session<'_> {
             }
         }
         Ok(None)
+    }
+
+    /// Passes the acknowledged position on: confirms it to the slot (unless
+    /// the replay window holds the slot back) and hands it to the checkpoint
+    /// writer. Called on every tick (`always`: the status update goes out as
+    /// the keepalive) and, between ticks, whenever the position advanced, so
+    /// that a crash re-sends only what was in flight and what was
+    /// acknowledged in the last `postgres.confirm_interval_ms`.
+    async fn pass_on(
+        &mut self,
+        s: &mut Stream,
+        writer: &mut StatusWriter,
+        always: bool,
+    ) -> Result<(), RelayError> {
+        s.passed_on = s.tracker.confirmed();
+        self.metrics.acked_lsn.set(s.passed_on.0 as f64);
+        self.send_status(writer, s, always).await?;
+        self.publish(s);
+        Ok(())
     }
 
     async fn drain(
@@ -358,10 +396,14 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Sends the position the slot may move to; with `always` false only
+    /// when it is past the last one sent (the timer's update doubles as the
+    /// keepalive, so it goes out regardless).
     async fn send_status(
         &mut self,
         writer: &mut StatusWriter,
         s: &Stream,
+        always: bool,
     ) -> Result<(), RelayError> {
         let acked = s.tracker.confirmed();
         let target = if !self.confirms {
@@ -385,6 +427,9 @@ impl Session<'_> {
             acked
         };
         let before = writer.last_sent();
+        if !always && target <= before {
+            return Ok(());
+        }
         writer.send_status(target, false).await?;
         let sent = writer.last_sent();
         if sent > before {
@@ -406,7 +451,7 @@ impl Session<'_> {
                 self.metrics.set_server_wal_end(wal_end);
                 s.tracker.keepalive(wal_end);
                 if reply {
-                    self.send_status(writer, s).await?;
+                    self.send_status(writer, s, true).await?;
                 }
                 return Ok(());
             }

@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use outbox_relay::config::Config;
@@ -437,15 +436,9 @@ pub async fn sigkill_loop_loses_nothing_and_keeps_per_key_order(s: &'static Serv
     })
     .await;
     let catch_up = written_at.elapsed();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(&mut child);
 
-    let got = consume_until(&s.brokers, &[tc.topic("evt")], |g| {
-        seqs(g).into_iter().collect::<HashSet<_>>().len() >= TOTAL as usize
-    });
+    let got = consume_distinct(&s.brokers, &tc.topic("evt"), TOTAL as usize);
     let committed: HashSet<i64> = (0..TOTAL).collect();
     let duplicates = assert_all_delivered(&committed, &got);
     // Per key, first occurrences in partition order follow commit order (seq order per key).

@@ -2,7 +2,6 @@
 //! streams, the other stands by and takes over when the first is SIGKILLed.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -87,15 +86,9 @@ pub async fn standby_instance_takes_over_after_sigkill(s: &'static Servers) {
         tc.confirmed().await >= end
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &b.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(b.wait().unwrap().code(), Some(0));
+    terminate(&mut b);
 
-    let got = consume_until(&s.brokers, &[tc.topic("evt")], |got| {
-        seqs(got).into_iter().collect::<HashSet<_>>().len() >= TOTAL as usize
-    });
+    let got = consume_distinct(&s.brokers, &tc.topic("evt"), TOTAL as usize);
     let all = seqs(&got);
     let distinct: HashSet<i64> = all.iter().copied().collect();
     let missing: Vec<i64> = (0..TOTAL).filter(|i| !distinct.contains(i)).collect();

@@ -10,6 +10,8 @@ mod harness;
 mod admin;
 mod auth;
 mod bad_input;
+mod checkpoint;
+mod crash_resend;
 mod dead_letter;
 mod delivery;
 mod failover;

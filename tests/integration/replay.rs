@@ -25,7 +25,7 @@ fn config(text: &str) -> Config {
 }
 
 /// The slot's stored checkpoint.
-async fn checkpoint(tc: &TestCase) -> Option<Lsn> {
+pub(crate) async fn checkpoint(tc: &TestCase) -> Option<Lsn> {
     tc.s.sql()
         .await
         .query_opt(
@@ -50,14 +50,14 @@ fn consume(topic: String, expected: usize) -> Vec<Consumed> {
     consume_all(shared_brokers(), &[topic], expected)
 }
 
-async fn consume_async(topic: String, expected: usize) -> Vec<Consumed> {
+pub(crate) async fn consume_async(topic: String, expected: usize) -> Vec<Consumed> {
     tokio::task::spawn_blocking(move || consume(topic, expected))
         .await
         .unwrap()
 }
 
 /// The commit LSN header of the record with payload seq `seq`.
-fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
+pub(crate) fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
     got.iter()
         .find(|r| seqs(std::slice::from_ref(*r))[0] == seq)
         .and_then(|r| r.header("lsn"))
@@ -66,9 +66,32 @@ fn lsn_of(got: &[Consumed], seq: i64) -> Lsn {
         .unwrap()
 }
 
-fn sorted(mut v: Vec<i64>) -> Vec<i64> {
+/// `outbox-relay replay --from-lsn FROM --to-lsn TO` with the config at `config`.
+pub(crate) async fn replay_range(config: &Path, from: Lsn, to: Lsn) -> Output {
+    relay_cli(
+        &[
+            "replay",
+            "--from-lsn",
+            &from.to_string(),
+            "--to-lsn",
+            &to.to_string(),
+        ],
+        config,
+    )
+    .await
+}
+
+pub(crate) fn sorted(mut v: Vec<i64>) -> Vec<i64> {
     v.sort_unstable();
     v
+}
+
+/// The records sent again by a replay request (with a `replayed` header).
+pub(crate) fn replayed(got: &[Consumed]) -> Vec<Consumed> {
+    got.iter()
+        .filter(|r| r.header("replayed").is_some())
+        .cloned()
+        .collect()
 }
 
 fn originals(got: &[Consumed]) -> Vec<Consumed> {
@@ -121,17 +144,7 @@ pub async fn restarts_send_nothing_twice_and_replay_sends_the_range(s: &'static 
     checkpoint_past(&tc, lsn_of(&got, 39)).await;
 
     // Replay (lsn_a, lsn_b] through the running relay: exactly the second batch again.
-    let out = relay_cli(
-        &[
-            "replay",
-            "--from-lsn",
-            &lsn_a.to_string(),
-            "--to-lsn",
-            &lsn_b.to_string(),
-        ],
-        file.path(),
-    )
-    .await;
+    let out = replay_range(file.path(), lsn_a, lsn_b).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("waiting for the instance"), "{out}");
     assert!(
@@ -144,11 +157,7 @@ pub async fn restarts_send_nothing_twice_and_replay_sends_the_range(s: &'static 
     // The live stream goes on after the replay.
     insert_rows(&db, &tc.table, "order", 40, 10).await;
     let got = consume_async(topic.clone(), 60).await;
-    let replayed: Vec<_> = got
-        .iter()
-        .filter(|r| r.header("replayed").is_some())
-        .cloned()
-        .collect();
+    let replayed = replayed(&got);
     assert_eq!(sorted(seqs(&replayed)), (10..20).collect::<Vec<_>>());
     assert_eq!(sorted(seqs(&originals(&got))), (0..50).collect::<Vec<_>>());
     let first = got.iter().find(|r| seqs(std::slice::from_ref(*r))[0] == 15);
@@ -468,13 +477,6 @@ fn next_json(lines: &mpsc::Receiver<String>) -> serde_json::Value {
 }
 
 /// SIGTERM, then waits for exit 0.
-fn terminate(child: &mut Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
-}
-
 #[tokio::test]
 async fn tail_and_the_stdout_sink_print_json_lines_and_confirm_nothing() {
     let tc = TestCase::new("replay_tail").await;

@@ -69,6 +69,7 @@ impl Session<'_> {
             self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
         }
         let stored = checkpoint.as_ref().map_or(Lsn::ZERO, |c| c.acked);
+        plan.acknowledged = stored.max(self.acked);
         plan.skip_through = match self.opts.start_lsn {
             // --start-lsn: everything after it, acknowledged before or not.
             Some(start) if self.first => {
@@ -113,26 +114,42 @@ impl Session<'_> {
         if !self.confirms && only.is_none() {
             return Ok(true);
         }
-        match store.claim(only).await? {
-            Some(job) if job.from < confirmed => {
-                let why = format!(
-                    "cannot replay from {}: the slot keeps WAL only from {confirmed} (the earliest replayable LSN); set [replay] window to keep more",
-                    job.from
-                );
-                tracing::error!(request = job.id, "{why}");
-                store.finish(job.id, &Outcome::Failed(why)).await?;
-                Ok(only.is_none())
+        let Some(mut job) = store.claim(only).await? else {
+            return Ok(only.is_none());
+        };
+        let why = if job.from < confirmed {
+            Some(format!(
+                "cannot replay from {}: the slot keeps WAL only from {confirmed} (the earliest replayable LSN); set [replay] window to keep more",
+                job.from
+            ))
+        } else if job.to > plan.acknowledged {
+            // `replay` asks the instance holding the slot, which knows what it
+            // has acknowledged, stored or not yet: the range ends there.
+            if job.from >= plan.acknowledged {
+                Some(format!(
+                    "nothing to replay from {}: everything acknowledged so far ends at {} (nothing after it was produced yet)",
+                    job.from, plan.acknowledged
+                ))
+            } else {
+                tracing::info!(request = job.id, requested = %job.to, to = %plan.acknowledged, "replay range ends at what was acknowledged");
+                store.lower_to(job.id, plan.acknowledged).await?;
+                job.to = plan.acknowledged;
+                None
             }
-            Some(job) => {
-                plan.job = Some(JobProgress {
-                    job,
-                    transactions: 0,
-                    events: 0,
-                });
-                Ok(true)
-            }
-            None => Ok(only.is_none()),
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::error!(request = job.id, "{why}");
+            store.finish(job.id, &Outcome::Failed(why)).await?;
+            return Ok(only.is_none());
         }
+        plan.job = Some(JobProgress {
+            job,
+            transactions: 0,
+            events: 0,
+        });
+        Ok(true)
     }
 
     /// `--start-lsn`: says where the server really started.

@@ -148,6 +148,17 @@ pub fn consume_raw_values(brokers: &str, topic: &str, expected: usize) -> Vec<Ve
     out.into_iter().map(|(_, _, v)| v).collect()
 }
 
+/// Reads `topic` until `total` distinct seqs (`0..total`, duplicates allowed) arrived.
+pub fn consume_distinct(brokers: &str, topic: &str, total: usize) -> Vec<Consumed> {
+    consume_until(brokers, &[topic.to_string()], |got| {
+        seqs(got)
+            .into_iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            >= total
+    })
+}
+
 /// Sequence numbers (`payload.seq`) of consumed records.
 pub fn seqs(got: &[Consumed]) -> Vec<i64> {
     got.iter()

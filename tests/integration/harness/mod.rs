@@ -35,14 +35,15 @@ pub use case::{create_outbox_table, TestCase};
 #[allow(unused_imports)]
 pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]
-pub use kafka::{consume_all, consume_raw_values, consume_until, seqs, Consumed};
+pub use kafka::{consume_all, consume_distinct, consume_raw_values, consume_until, seqs, Consumed};
 #[allow(unused_imports)]
 pub use postgres::{connect, npm_versions, PgInstall, PASSWORD};
 #[allow(unused_imports)]
 pub use process::free_addr;
 #[allow(unused_imports)]
 pub use relay::{
-    config_file, relay_cli, spawn_relay, spawn_relay_binary, start_relay, Output, RunningRelay,
+    config_file, relay_cli, spawn_relay, spawn_relay_binary, start_relay, terminate, KillOnDrop,
+    Output, RunningRelay,
 };
 #[allow(unused_imports)]
 pub use servers::{create_role, servers, servers_on, Servers};

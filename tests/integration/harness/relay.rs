@@ -93,6 +93,24 @@ pub fn spawn_relay_binary(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// A relay binary killed when the test ends, also when it fails half-way.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops a relay binary with SIGTERM and asserts it exits 0.
+pub fn terminate(child: &mut Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}
+
 /// Output of one run of the binary.
 pub struct Output {
     pub code: Option<i32>,
