@@ -15,8 +15,13 @@ use crate::config::{
 use crate::lsn::Lsn;
 use crate::pgoutput::{Relation, Tuple, Value};
 
+mod dead_letter;
+mod error;
 mod fields;
 pub mod message;
+
+pub use dead_letter::{dead_letter_from_record, DeadLetter};
+pub use error::MappingError;
 
 use fields::{oid, TimeKind};
 
@@ -49,135 +54,6 @@ impl Record {
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
-    }
-}
-
-/// Why a row cannot become a record.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum MappingError {
-    #[error("column {column:?} not found in table \"{table}\" (columns: {available}); set {setting} in the config")]
-    MissingColumn {
-        table: String,
-        column: String,
-        available: String,
-        setting: String,
-    },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has NULL in column {column:?}, which routes the event; make the column NOT NULL")]
-    NullColumn {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        id: String,
-    },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has an unchanged-TOAST value in column {column:?}, which an insert never has")]
-    UnexpectedToast {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        id: String,
-    },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has {got} columns but the relation has {expected}")]
-    ColumnCount {
-        table: String,
-        lsn: Lsn,
-        id: String,
-        got: usize,
-        expected: usize,
-    },
-    #[error(
-        "row of \"{table}\" at LSN {lsn} (id {id}): column {column:?} is not valid bytea hex text"
-    )]
-    BadBytea {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        id: String,
-    },
-    #[error("column {column:?} of table \"{table}\" is {type_name}; {setting} needs {expected}")]
-    ColumnType {
-        table: String,
-        column: String,
-        type_name: String,
-        setting: &'static str,
-        expected: &'static str,
-    },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has {value:?} in column {column:?}, which is not {expected}")]
-    BadValue {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        id: String,
-        value: String,
-        /// What the value should be, and the setting that reads the column.
-        expected: &'static str,
-    },
-    #[error("logical message at LSN {lsn} with prefix {prefix:?} {problem}")]
-    BadMessage {
-        prefix: String,
-        lsn: Lsn,
-        problem: String,
-    },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) routes to topic {topic:?}, which is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -); fix the row or outbox.topic")]
-    BadTopic {
-        table: String,
-        topic: String,
-        lsn: Lsn,
-        id: String,
-    },
-}
-
-impl MappingError {
-    /// Short machine-readable reason (metric label and dead-letter header).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            MappingError::MissingColumn { .. } => "missing_column",
-            MappingError::NullColumn { .. } => "null_column",
-            MappingError::UnexpectedToast { .. } => "unexpected_toast",
-            MappingError::ColumnCount { .. } => "column_count",
-            MappingError::BadBytea { .. } => "bad_bytea",
-            MappingError::BadTopic { .. } => "bad_topic",
-            MappingError::ColumnType { .. } => "column_type",
-            MappingError::BadValue { .. } => "bad_value",
-            MappingError::BadMessage { .. } => "bad_message",
-        }
-    }
-}
-
-/// Why a row goes to the dead-letter topic, for its headers.
-#[derive(Debug, Clone)]
-pub struct DeadLetter<'a> {
-    /// `null_column`, `bad_topic`, `too_large`, `rejected`, ...
-    pub reason: &'static str,
-    /// The full error message.
-    pub error: String,
-    /// The topic the row was meant for, when known.
-    pub original_topic: Option<&'a str>,
-}
-
-/// The dead-letter record for `original`: same key and relay headers, no value
-/// (the value may be what the broker refused), plus `error`, `reason`,
-/// `original_topic` and `original_size` headers.
-pub fn dead_letter_from_record(original: &Record, topic: &str, why: DeadLetter<'_>) -> Record {
-    let mut headers = original.headers.clone();
-    headers.push((
-        "original_size".into(),
-        Bytes::from(original.value.as_ref().map_or(0, Bytes::len).to_string()),
-    ));
-    push_reason(&mut headers, &why, Some(&original.topic));
-    Record {
-        topic: topic.to_string(),
-        key: original.key.clone(),
-        value: Some(Bytes::new()),
-        headers,
-        ..Record::default()
-    }
-}
-
-fn push_reason(headers: &mut Vec<(HeaderName, Bytes)>, why: &DeadLetter<'_>, topic: Option<&str>) {
-    headers.push(("error".into(), Bytes::from(why.error.clone())));
-    headers.push(("reason".into(), Bytes::from_static(why.reason.as_bytes())));
-    if let Some(t) = why.original_topic.or(topic) {
-        headers.push(("original_topic".into(), Bytes::from(t.to_string())));
     }
 }
 
@@ -231,39 +107,6 @@ impl OutboxTable {
     /// The prefix of logical messages relayed as events, if any.
     pub fn messages_prefix(&self) -> Option<&str> {
         Some(self.opts.messages_prefix.as_str()).filter(|p| !p.is_empty())
-    }
-
-    /// The dead-letter record of a row that could not be mapped: key and value
-    /// from the configured columns where they exist and are not NULL, headers
-    /// `id`, `lsn`, `table`, `error`, `reason`.
-    pub fn dead_letter(
-        &self,
-        row: &Tuple,
-        rel: &Relation,
-        commit_lsn: Lsn,
-        topic: &str,
-        why: DeadLetter<'_>,
-    ) -> Record {
-        let value_of = |col: &str| -> Option<Bytes> {
-            match row.0.get(rel.column_index(col)?)? {
-                Value::Text(b) | Value::Binary(b) => Some(b.clone()),
-                _ => None,
-            }
-        };
-        let mut headers = Vec::with_capacity(6);
-        if let Some(id) = value_of(&self.columns.id) {
-            headers.push(("id".into(), id));
-        }
-        headers.push(("lsn".into(), Bytes::from(commit_lsn.to_string())));
-        headers.push(("table".into(), Bytes::from(rel.qualified_name())));
-        push_reason(&mut headers, &why, None);
-        Record {
-            topic: topic.to_string(),
-            key: value_of(&self.key).unwrap_or_default(),
-            value: Some(value_of(&self.columns.payload).unwrap_or_default()),
-            headers,
-            ..Record::default()
-        }
     }
 
     pub fn matches(&self, rel: &Relation) -> bool {
