@@ -156,17 +156,9 @@ impl OutboxTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use std::path::Path;
 
     fn table(extra: &str) -> OutboxTable {
-        let cfg = Config::from_toml(
-            &format!("[postgres]\nurl = \"postgresql://a@b/c\"\n[outbox]\nmessages_prefix = \"outbox\"\n{extra}"),
-            Path::new("t"),
-            |_| None,
-        )
-        .unwrap();
-        OutboxTable::from_config(&cfg)
+        crate::outbox::tests::table(&format!("[outbox]\nmessages_prefix = \"outbox\"\n{extra}"))
     }
 
     fn message(content: &str) -> LogicalMessage {

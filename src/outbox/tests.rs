@@ -33,7 +33,8 @@ fn default_relation() -> Relation {
     ])
 }
 
-fn table(extra: &str) -> OutboxTable {
+/// The mapping of the config `[postgres]` plus `extra`.
+pub(super) fn table(extra: &str) -> OutboxTable {
     let cfg = Config::from_toml(
         &format!("[postgres]\nurl = \"postgresql://a@b/c\"\n{extra}"),
         Path::new("t"),

@@ -3,7 +3,6 @@
 //! timestamp, tombstones), and keys land in the partition the Java client's
 //! murmur2 partitioner gives them.
 
-use outbox_relay::config::Config;
 use outbox_relay::metrics::Metrics;
 
 use crate::harness::*;
@@ -62,15 +61,6 @@ fn the_reference_murmur2_matches_kafkas_own_test_vectors() {
     }
 }
 
-/// This test's config with `[outbox]` replaced by `outbox`.
-fn config_with_outbox(tc: &TestCase, outbox: &str) -> Config {
-    let text = tc.config_text(&tc.s.brokers, "");
-    let start = text.find("[outbox]\n").unwrap();
-    let end = start + text[start..].find("\n\n").unwrap();
-    let text = format!("{}[outbox]\n{outbox}{}", &text[..start], &text[end..]);
-    Config::from_toml(&text, std::path::Path::new("test.toml"), |_| None).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_outbox_rows_become_the_records_the_router_documents() {
     let tc = TestCase::new("dbz").await;
@@ -95,8 +85,7 @@ async fn debezium_outbox_rows_become_the_records_the_router_documents() {
     // The preset's topic is `outbox.event.<aggregatetype>`: a type of this test's own.
     let aggregate = format!("Order_{}", tc.name);
     let topic = format!("outbox.event.{aggregate}");
-    let cfg = config_with_outbox(
-        &tc,
+    let cfg = tc.config_with_outbox(
         &format!(
             "preset = \"debezium\"\ntable = \"public.{table}\"\nadditional_placement = [\"type:header:eventType\"]\n"
         ),
@@ -263,8 +252,7 @@ async fn a_timestamp_column_of_the_wrong_type_or_a_missing_placed_column_stops_n
     let tc = TestCase::new("dbz_bad_columns").await;
     let s = servers();
     let db = s.sql().await;
-    let relay = start_relay(config_with_outbox(
-        &tc,
+    let relay = start_relay(tc.config_with_outbox(
         &format!(
             "table = \"public.{}\"\ntopic = \"{}.{{aggregate_type}}\"\ntimestamp_column = \"event_type\"\n",
             tc.table, tc.name
@@ -281,8 +269,7 @@ async fn a_timestamp_column_of_the_wrong_type_or_a_missing_placed_column_stops_n
         )),
         "{err}"
     );
-    let relay = spawn_relay(config_with_outbox(
-        &tc,
+    let relay = spawn_relay(tc.config_with_outbox(
         &format!(
             "table = \"public.{}\"\ntopic = \"{}.{{aggregate_type}}\"\nadditional_placement = [\"tenant:header\"]\n",
             tc.table, tc.name

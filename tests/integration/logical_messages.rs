@@ -4,7 +4,6 @@
 //! non-transactional and other-prefix messages send nothing; a message that is
 //! not JSON stops the relay like an invalid row.
 
-use outbox_relay::config::Config;
 use outbox_relay::metrics::Metrics;
 
 use crate::harness::*;
@@ -16,12 +15,11 @@ async fn emitted_messages_are_events_in_wal_order_and_rolled_back_ones_never_sen
     let db = s.sql().await;
     // Messages are database-wide: a prefix of this test's own.
     let prefix = format!("outbox_{}", tc.name);
-    let text = tc.config_text(&s.brokers, "").replace(
-        "[outbox]\n",
-        &format!("[outbox]\nmessages_prefix = \"{prefix}\"\n"),
-    );
-    let cfg = Config::from_toml(&text, std::path::Path::new("t.toml"), |_| None).unwrap();
-    let relay = start_relay(cfg).await;
+    let relay = start_relay(tc.config_with_outbox(&format!(
+        "table = \"public.{}\"\ntopic = \"{}.{{aggregate_type}}\"\nmessages_prefix = \"{prefix}\"\n",
+        tc.table, tc.name
+    )))
+    .await;
     let t = &tc.table;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let content = |seq: i32| {
