@@ -11,9 +11,14 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+mod outbox;
 mod replay;
 mod shard;
 use crate::transport::PgTarget;
+pub use outbox::{
+    Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
+    Preset, RelayHeader, ValueFormat,
+};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 
@@ -111,31 +116,6 @@ pub struct PostgresConfig {
     pub confirm_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxConfig {
-    /// Outbox table, `schema.table` (schema defaults to `public`). Default `public.outbox`.
-    #[serde(default = "default_table")]
-    pub table: String,
-    /// Topic template; `{column}` is replaced by that column's value. Default `outbox.event.{aggregate_type}`.
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// Column whose value is the record key. Default `aggregate_id`.
-    #[serde(default = "default_key")]
-    pub key: String,
-    /// Column names of the outbox table.
-    #[serde(default)]
-    pub columns: Columns,
-    /// What to do with a row that cannot be delivered as a record (NULL routing
-    /// column, invalid topic, a record the broker rejects as too large or not
-    /// allowed): `stop` (default; nothing past it is confirmed) or `dead_letter`.
-    #[serde(default)]
-    pub on_invalid: OnInvalid,
-    /// Topic of dead-lettered rows. Default `outbox.dead_letter`.
-    #[serde(default = "default_dead_letter_topic")]
-    pub dead_letter_topic: String,
-}
-
 /// `postgres.failover_slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -147,44 +127,6 @@ pub enum FailoverSlot {
     On,
     /// An ordinary slot.
     Off,
-}
-
-/// The policy for rows that cannot become records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnInvalid {
-    /// Stop with an error naming the row; confirm nothing past it.
-    #[default]
-    Stop,
-    /// Send the row to `dead_letter_topic` with headers saying why, and go on.
-    DeadLetter,
-}
-
-fn default_dead_letter_topic() -> String {
-    "outbox.dead_letter".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Columns {
-    /// Event id, sent as header `id`. Default `id`.
-    #[serde(default = "col_id")]
-    pub id: String,
-    /// Default `aggregate_type`.
-    #[serde(default = "col_aggregate_type")]
-    pub aggregate_type: String,
-    /// Default `aggregate_id`.
-    #[serde(default = "col_aggregate_id")]
-    pub aggregate_id: String,
-    /// Sent as header `event_type`. Default `event_type`.
-    #[serde(default = "col_event_type")]
-    pub event_type: String,
-    /// The record value (jsonb/json/text as rendered by PostgreSQL, bytea as raw bytes). Default `payload`.
-    #[serde(default = "col_payload")]
-    pub payload: String,
-    /// Optional jsonb object whose top-level keys become headers. Default `headers`; "" disables.
-    #[serde(default = "col_headers")]
-    pub headers: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,33 +185,6 @@ fn default_status_interval_ms() -> u64 {
 fn default_confirm_interval_ms() -> u64 {
     20
 }
-fn default_table() -> String {
-    "public.outbox".into()
-}
-fn default_topic() -> String {
-    "outbox.event.{aggregate_type}".into()
-}
-fn default_key() -> String {
-    "aggregate_id".into()
-}
-fn col_id() -> String {
-    "id".into()
-}
-fn col_aggregate_type() -> String {
-    "aggregate_type".into()
-}
-fn col_aggregate_id() -> String {
-    "aggregate_id".into()
-}
-fn col_event_type() -> String {
-    "event_type".into()
-}
-fn col_payload() -> String {
-    "payload".into()
-}
-fn col_headers() -> String {
-    "headers".into()
-}
 fn default_brokers() -> String {
     "127.0.0.1:9092".into()
 }
@@ -284,32 +199,6 @@ fn default_backoff_min_ms() -> u64 {
 }
 fn default_backoff_max_ms() -> u64 {
     30_000
-}
-
-impl Default for OutboxConfig {
-    fn default() -> Self {
-        OutboxConfig {
-            table: default_table(),
-            topic: default_topic(),
-            key: default_key(),
-            columns: Columns::default(),
-            on_invalid: OnInvalid::Stop,
-            dead_letter_topic: default_dead_letter_topic(),
-        }
-    }
-}
-
-impl Default for Columns {
-    fn default() -> Self {
-        Columns {
-            id: col_id(),
-            aggregate_type: col_aggregate_type(),
-            aggregate_id: col_aggregate_id(),
-            event_type: col_event_type(),
-            payload: col_payload(),
-            headers: col_headers(),
-        }
-    }
 }
 
 impl Default for KafkaConfig {

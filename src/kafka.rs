@@ -43,6 +43,11 @@ const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     // p99; it adds 2-3 ms of median against one that answers at once
     // (docs/benchmarks.md, "Third round").
     ("linger.ms", "10"),
+    // The Java client's partitioner (murmur2 of the key bytes), so a key lands
+    // in the same partition as when Debezium or any Java producer wrote it, and
+    // an empty key is hashed like any other (librdkafka's `consistent_random`
+    // spreads empty keys over partitions at random). README: "Partitioning".
+    ("partitioner", "murmur2_random"),
     // Broker round-trip times for outbox_relay_broker_rtt_seconds.
     ("statistics.interval.ms", "10000"),
     ("message.timeout.ms", "300000"),
@@ -88,7 +93,7 @@ fn record_of(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     Record {
         topic: msg.topic().to_string(),
         key: bytes(msg.key()),
-        value: bytes(msg.payload()),
+        value: msg.payload().map(bytes::Bytes::copy_from_slice),
         headers: msg
             .headers()
             .map(|h| {
@@ -97,6 +102,8 @@ fn record_of(msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
                     .collect()
             })
             .unwrap_or_default(),
+        partition: Some(msg.partition()),
+        timestamp_ms: msg.timestamp().to_millis(),
     }
 }
 
@@ -397,11 +404,14 @@ impl Producer {
                 value: Some(&v[..]),
             });
         }
-        let rec =
+        let mut rec: BaseRecord<'_, [u8], [u8], _> =
             BaseRecord::with_opaque_to(&record.topic, Box::new(InFlight { seq, commit_time }))
                 .key(&record.key[..])
-                .payload(&record.value[..])
                 .headers(headers);
+        // No payload: a tombstone.
+        rec.payload = record.value.as_deref();
+        rec.partition = record.partition;
+        rec.timestamp = record.timestamp_ms;
         match self.inner.send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -109,7 +109,18 @@ pub fn json_line(record: &Record) -> String {
     let mut obj = serde_json::Map::new();
     obj.insert("topic".into(), record.topic.clone().into());
     put_bytes(&mut obj, "key", &record.key);
-    put_bytes(&mut obj, "value", &record.value);
+    match &record.value {
+        Some(value) => put_bytes(&mut obj, "value", value),
+        None => {
+            obj.insert("value".into(), serde_json::Value::Null);
+        }
+    }
+    if let Some(p) = record.partition {
+        obj.insert("partition".into(), p.into());
+    }
+    if let Some(ms) = record.timestamp_ms {
+        obj.insert("timestamp_ms".into(), ms.into());
+    }
     let headers: Vec<serde_json::Value> = record
         .headers
         .iter()
@@ -142,11 +153,12 @@ mod tests {
         let r = Record {
             topic: "outbox.event.order".into(),
             key: bytes::Bytes::from_static(b"o-1"),
-            value: bytes::Bytes::from_static(&[0xff, 0x00]),
+            value: Some(bytes::Bytes::from_static(&[0xff, 0x00])),
             headers: vec![
                 ("id".into(), bytes::Bytes::from_static(b"e-1")),
                 ("lsn".into(), bytes::Bytes::from_static(b"0/16B3748")),
             ],
+            ..Record::default()
         };
         let line = json_line(&r);
         assert!(!line.contains('\n'));

@@ -2,8 +2,9 @@
 //!
 //! Starts streaming, decodes each event and classifies each transaction (live,
 //! replayed, skipped), and confirms what the ack tracker allows, held back by the
-//! replay window. The record path (sink, delivery reports, dead letters) is in
-//! `produce`; the checkpoint, replay requests and published progress in `positions`.
+//! replay window. Outbox rows and logical messages become records in `events`;
+//! the record path (sink, delivery reports, dead letters) is in `produce`; the
+//! checkpoint, replay requests and published progress in `positions`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,13 +20,14 @@ use crate::config::{Config, OnInvalid};
 use crate::kafka::DeliveryReport;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::{lsn_header, DeadLetter, Mapping, MappingError, OutboxTable, Record};
+use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable, Record};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
 use crate::sink::Sink;
 use crate::state::{Outcome, StateStore};
 
+mod events;
 mod positions;
 mod produce;
 
@@ -494,70 +496,13 @@ impl Session<'_> {
                 s.relations.insert(rel);
             }
             Message::Insert { relation_id, new } => {
-                let Some(mapping) = s.mappings.get(&relation_id) else {
-                    if s.relations.get(relation_id).is_none() {
-                        return Err(RelayError::UnknownRelation(relation_id));
-                    }
-                    return self.ignore("insert_other_table", relation_id, s);
-                };
-                if s.class == TxClass::Skip {
-                    self.metrics.events_skipped.inc();
-                    return Ok(());
-                }
-                let rel = s
-                    .relations
-                    .get(relation_id)
-                    .ok_or(RelayError::UnknownRelation(relation_id))?;
-                let mapped = match mapping {
-                    Ok(m) => m.record_at(&new, s.commit_lsn, &s.lsn_text, rel),
-                    Err(e) => Err(e.clone()),
-                };
-                let mut record = match mapped {
-                    Ok(r) => r,
-                    Err(e) if self.dead_letter() => {
-                        let why = DeadLetter {
-                            reason: e.kind(),
-                            error: e.to_string(),
-                            original_topic: None,
-                        };
-                        let record =
-                            self.outbox
-                                .dead_letter(&new, rel, s.commit_lsn, self.dlq(), why);
-                        self.metrics
-                            .events_received
-                            .with_label_values(&[self.dlq()])
-                            .inc();
-                        let seq = s.tracker.record();
-                        return self.send_dead_letter(s, producer, seq, record);
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if let (TxClass::Replay, Some(p)) = (s.class, s.plan.job.as_mut()) {
-                    if p.job
-                        .only_topic
-                        .as_ref()
-                        .is_some_and(|t| *t != record.topic)
-                    {
-                        return Ok(());
-                    }
-                    if let Some(suffix) = &p.job.topic_suffix {
-                        record.topic.push_str(suffix);
-                    }
-                    record
-                        .headers
-                        .push(("replayed".into(), s.replay_header.clone()));
-                    p.events += 1;
-                    self.metrics.events_replayed.inc();
-                }
-                self.counters(s, &record.topic).received.inc();
-                producer.ensure_topic(&record.topic).await?;
-                let seq = s.tracker.record();
-                self.enqueue(s, producer, seq, record)?;
+                return self.on_insert(s, producer, relation_id, new).await
             }
+            Message::Message(m) => return self.on_logical_message(s, producer, m).await,
             Message::Update { relation_id, .. } => return self.ignore("update", relation_id, s),
             Message::Delete { relation_id, .. } => return self.ignore("delete", relation_id, s),
             Message::Truncate { .. } => return self.ignore("truncate", 0, s),
-            Message::Origin { .. } | Message::Type { .. } | Message::Message(_) => {}
+            Message::Origin { .. } | Message::Type { .. } => {}
         }
         Ok(())
     }

@@ -77,6 +77,22 @@ async fn bad_input_is_one_line_naming_problem_and_fix() {
             fix: "expected one of `url`",
         },
         Case {
+            name: "unknown_preset",
+            command: &["check-config"],
+            config: format!("{minimal}[outbox]\npreset = \"debezium2\"\n"),
+            code: 2,
+            problem: "unknown variant `debezium2`".into(),
+            fix: "expected `debezium`",
+        },
+        Case {
+            name: "envelope_placement",
+            command: &["check-config"],
+            config: format!("{minimal}[outbox]\nadditional_placement = [\"type:envelope:eventType\"]\n"),
+            code: 2,
+            problem: "invalid outbox.additional_placement: \"type:envelope:eventType\"".into(),
+            fix: "place the column as a header",
+        },
+        Case {
             name: "unreachable_host",
             // `run` retries an unreachable server for ever; `status` reports it.
             command: &["status"],

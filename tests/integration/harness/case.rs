@@ -51,6 +51,15 @@ impl TestCase {
         )
     }
 
+    /// Config with the `[outbox]` section's keys replaced by `outbox`.
+    pub fn config_with_outbox(&self, outbox: &str) -> Config {
+        let text = self.config_text(&self.s.brokers, "");
+        let start = text.find("[outbox]\n").expect("an [outbox] section");
+        let end = start + text[start..].find("\n\n").expect("a blank line after it");
+        let text = format!("{}[outbox]\n{outbox}{}", &text[..start], &text[end..]);
+        Config::from_toml(&text, Path::new("test.toml"), |_| None).unwrap()
+    }
+
     pub fn config(&self) -> Config {
         self.config_with(&self.s.brokers, "")
     }

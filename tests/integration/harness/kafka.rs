@@ -14,6 +14,10 @@ pub struct Consumed {
     pub offset: i64,
     pub key: String,
     pub value: String,
+    /// A tombstone: no value at all (not an empty one).
+    pub null_value: bool,
+    /// The record's create time, in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
     pub headers: Vec<(String, String)>,
 }
 
@@ -93,6 +97,8 @@ pub fn consume_until(
                     offset: m.offset(),
                     key: text(m.key()),
                     value: text(m.payload()),
+                    null_value: m.payload().is_none(),
+                    timestamp_ms: m.timestamp().to_millis(),
                     headers,
                 });
                 last_record = Instant::now();
