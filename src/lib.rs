@@ -9,11 +9,13 @@
 //! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
 //! - [`kafka`]: the producer and its delivery reports.
+//! - [`sink`]: where records go (Kafka, or stdout for `tail` and debugging) and how their acknowledgements come back.
 //! - [`ack`]: which LSN may be confirmed.
 //! - [`server`]: the server's version, primary or standby, and the settings failover depends on.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL.
 //! - [`shard`]: which rows belong to a shard (row filter), shard slot and publication names.
-//! - [`admin`]: the `init` and `status` commands: checks, what they create, print and exit with.
+//! - [`state`]: the relay's own tables: the checkpoint and replay requests.
+//! - [`admin`]: the `init`, `status` and `replay` commands: checks, what they create, print and exit with.
 //! - [`metrics`]: Prometheus metrics and the health state.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` listener.
 //! - [`relay`]: the streaming loop tying the pieces together, reconnects and shutdown.

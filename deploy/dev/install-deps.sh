@@ -17,6 +17,9 @@
 #
 # `install-deps.sh postgresql` installs only the PostgreSQL builds of the
 # matrix (and what they need) and prints their bin directories.
+# `install-deps.sh local` installs only what running the relay locally needs
+# (deploy/dev/run-local.sh): PostgreSQL, psql, the build dependencies and tansu
+# (no kcat, promtool, cargo-deny or matrix builds), and prints tansu's path.
 #
 # Environment: OUTBOX_RELAY_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay).
 set -euo pipefail
@@ -31,8 +34,8 @@ DENY_ROOT="$CACHE/cargo-deny-$CARGO_DENY_VERSION"
 PG_NPM_VERSIONS=(14.22.0-beta.17 16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17)
 ONLY=${1:-}
 case "$ONLY" in
-  "" | postgresql) ;;
-  *) echo "usage: $0 [postgresql]" >&2; exit 2 ;;
+  "" | postgresql | local) ;;
+  *) echo "usage: $0 [postgresql | local]" >&2; exit 2 ;;
 esac
 
 log() { echo "install-deps: $*" >&2; }
@@ -75,6 +78,8 @@ for v in "${PG_NPM_VERSIONS[@]}"; do
   [ -x "$(pg_root "$v")/native/bin/postgres" ] || pg_missing=1
 done
 
+[ "$ONLY" = local ] && pg_missing=0
+
 missing=()
 if ((pg_missing)); then
   command -v node >/dev/null || missing+=(nodejs)
@@ -86,8 +91,10 @@ if [ "$ONLY" != postgresql ]; then
   command -v cc >/dev/null || missing+=(gcc g++)
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
-  command -v kcat >/dev/null || missing+=(kcat)
-  command -v promtool >/dev/null || missing+=(prometheus)
+  if [ "$ONLY" != local ]; then
+    command -v kcat >/dev/null || missing+=(kcat)
+    command -v promtool >/dev/null || missing+=(prometheus)
+  fi
   dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 fi
@@ -100,9 +107,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-for v in "${PG_NPM_VERSIONS[@]}"; do
-  install_pg_npm "$v"
-done
+if [ "$ONLY" != local ]; then
+  for v in "${PG_NPM_VERSIONS[@]}"; do
+    install_pg_npm "$v"
+  done
+fi
 if [ "$ONLY" = postgresql ]; then
   for v in "${PG_NPM_VERSIONS[@]}"; do
     echo "$(pg_root "$v")/native/bin"
@@ -111,7 +120,7 @@ if [ "$ONLY" = postgresql ]; then
 fi
 
 # Built in a scratch root and moved into place, so an interrupted build is never mistaken for a finished one.
-if [ ! -x "$DENY_ROOT/bin/cargo-deny" ]; then
+if [ "$ONLY" != local ] && [ ! -x "$DENY_ROOT/bin/cargo-deny" ]; then
   log "building cargo-deny $CARGO_DENY_VERSION into $DENY_ROOT (once)"
   mkdir -p "$CACHE"
   tmp="$CACHE/cargo-deny-$CARGO_DENY_VERSION.partial"
@@ -122,7 +131,7 @@ if [ ! -x "$DENY_ROOT/bin/cargo-deny" ]; then
 fi
 
 if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
-  log "building tansu $TANSU_VERSION into $TANSU_ROOT (once; takes a while)"
+  log "building tansu $TANSU_VERSION into $TANSU_ROOT (once; 10 to 20 minutes)"
   mkdir -p "$CACHE"
   tmp="$CACHE/tansu-$TANSU_VERSION.partial"
   rm -rf "$tmp"
@@ -130,5 +139,5 @@ if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
   rm -rf "$TANSU_ROOT"
   mv "$tmp" "$TANSU_ROOT"
 fi
-echo "$DENY_ROOT/bin/cargo-deny"
+[ "$ONLY" = local ] || echo "$DENY_ROOT/bin/cargo-deny"
 echo "$TANSU_ROOT/bin/tansu"

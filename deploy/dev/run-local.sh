@@ -28,8 +28,12 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
-TANSU=$(deploy/dev/install-deps.sh | tail -n 1)
+log "installing what is missing (the first run builds the tansu broker: 10 to 20 minutes)"
+TANSU=$(deploy/dev/install-deps.sh local | tail -n 1)
 BIN=$(pgbin)
+# Built before anything is announced, so the slot exists before the first insert.
+log "building the relay and the example consumer (release; a few minutes the first time)"
+cargo build --release --locked --bin outbox-relay --example consume
 
 if ! listening "$PGPORT"; then
   if [ ! -f "$STATE/pg/data/PG_VERSION" ]; then
@@ -65,15 +69,19 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 create_topics = true
 TOML
 
+RELAY=target/release/outbox-relay
+# The publication and slot now: rows inserted from here on are relayed.
+"$RELAY" init --config "$STATE/relay.toml" >&2
+
 cat >&2 <<TXT
 
 run-local: PostgreSQL $URL, broker 127.0.0.1:$KAFKA_PORT, config $STATE/relay.toml
 run-local: in another terminal, insert an event:
   psql "$URL" -c "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'order-1', 'OrderPlaced', '{\"total\": 42}')"
 run-local: and watch it arrive:
-  cargo run --example consume -- 127.0.0.1:$KAFKA_PORT outbox.event.order
+  target/release/examples/consume 127.0.0.1:$KAFKA_PORT outbox.event.order
+run-local: the slot's progress: $RELAY status --config $STATE/relay.toml
 run-local: stop the relay with Ctrl-C; stop the servers with: deploy/dev/run-local.sh stop
 
 TXT
-cargo build --release --locked --quiet
-exec target/release/outbox-relay run --config "$STATE/relay.toml"
+exec "$RELAY" run --config "$STATE/relay.toml"
