@@ -286,9 +286,9 @@ async fn failover_on_16_stops_with_the_range_at_risk_and_creates_no_slot() {
         db.query_opt(&ckpt, &[]).await.unwrap().is_some()
     })
     .await;
-    pair.standby
-        .wait_replayed(pair.primary.current_lsn().await)
-        .await;
+    // The insert position: the checkpoint is written with synchronous_commit =
+    // off, so its commit may not be flushed (pg_current_wal_lsn) yet.
+    pair.standby.wait_replayed(wal_insert_lsn(&db).await).await;
     drop(db);
     pair.primary.kill();
     pair.standby.promote();
