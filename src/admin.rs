@@ -150,7 +150,7 @@ where
         Ok(Some(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("outbox-relay: {e}");
-            ExitCode::from(if e.is_permanent() { 2 } else { 1 })
+            ExitCode::from(e.disposition().exit_code())
         }
     }
 }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{Config, SinkKind};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::relay::{self, RelayError, RunOptions};
+use crate::relay::{self, RunOptions};
 
 const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
 
@@ -301,7 +301,7 @@ async fn run(cfg: Config, opts: RunOptions) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "relay stopped");
             eprintln!("outbox-relay: {e}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(e.disposition().exit_code())
         }
     }
 }
@@ -314,16 +314,6 @@ pub(crate) fn runtime(
         eprintln!("outbox-relay: cannot start the async runtime: {e}");
         ExitCode::from(1)
     })
-}
-
-fn exit_code(e: &RelayError) -> u8 {
-    match e {
-        RelayError::Setup(_) | RelayError::Kafka(crate::kafka::KafkaSetupError::Config(_)) => 2,
-        // Credentials, privileges, TLS, a missing or invalidated slot: the user acts.
-        RelayError::Replication(r) if r.is_permanent() => 2,
-        RelayError::StartBehindSlot { .. } | RelayError::CheckpointAhead { .. } => 2,
-        _ => 1,
-    }
 }
 
 async fn wait_for_signal() {

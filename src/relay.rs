@@ -23,11 +23,13 @@ use crate::sink::Sink;
 
 mod checkpoint;
 mod plan;
+pub mod policy;
 mod session;
 mod window;
 
 use crate::transport::PgTarget;
 use checkpoint::checkpoint_task;
+pub use policy::Disposition;
 use session::{Session, SessionEnd};
 pub use window::WindowKeeper;
 
@@ -79,24 +81,6 @@ impl From<SetupError> for RelayError {
 }
 
 impl RelayError {
-    /// Errors the relay must not retry: the user has to act.
-    pub fn is_fatal(&self) -> bool {
-        match self {
-            RelayError::Setup(e) => e.is_permanent(),
-            RelayError::Replication(e) => e.is_permanent(),
-            RelayError::Kafka(KafkaSetupError::Config(_)) => true,
-            RelayError::Kafka(KafkaSetupError::CreateTopic { .. }) => false,
-            RelayError::Delivery(_) => false,
-            RelayError::Decode { .. }
-            | RelayError::Mapping(_)
-            | RelayError::Send(_)
-            | RelayError::UnknownRelation(_)
-            | RelayError::Refused { .. }
-            | RelayError::StartBehindSlot { .. }
-            | RelayError::CheckpointAhead { .. } => true,
-        }
-    }
-
     /// The `kind` label of `outbox_relay_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -244,9 +228,12 @@ pub async fn run_with(
         let broken_producer = sink.fatal_error().or_else(|| {
             matches!(err, RelayError::Delivery(_)).then(|| "a delivery failed".to_string())
         });
-        let replay_blocked = opts.replay_request.is_some()
-            && matches!(&err, RelayError::Replication(r) if r.is_slot_in_use());
-        if (err.is_fatal() && broken_producer.is_none()) || replay_blocked {
+        let disposition = err.disposition();
+        // `replay` without a live relay needs the slot now, not later.
+        let replay_blocked = opts.replay_request.is_some() && disposition == Disposition::Standby;
+        // A fatal producer error is retried with a new producer, whatever the record's error said.
+        let stop = matches!(disposition, Disposition::Stop { .. }) && broken_producer.is_none();
+        if stop || replay_blocked {
             metrics.set_health(Health::Down(err.to_string()));
             break Err(err);
         }
@@ -264,8 +251,8 @@ pub async fn run_with(
                 Err(e) => break Err(e.into()),
             }
         }
-        let delay = match &err {
-            RelayError::Replication(r) if r.is_slot_in_use() => {
+        let delay = match disposition {
+            Disposition::Standby => {
                 metrics.set_health(Health::Standby);
                 let delay = jitter(Duration::from_millis(cfg.relay.standby_retry_ms));
                 tracing::info!(slot = %cfg.postgres.slot, retry_in = ?delay, "slot is streaming to another instance; standing by");

@@ -608,7 +608,7 @@ pub(super) async fn run(
                             source,
                         };
                         line(out, &i.label, &format!("error: {e}"));
-                        return Ok(Some(if e.is_permanent() { 2 } else { 1 }));
+                        return Ok(Some(e.disposition().exit_code()));
                     }
                 }
             }

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::relay::{self, RelayError, RunOptions};
+use crate::relay::{self, Disposition, RelayError, RunOptions};
 use crate::setup::{self, SetupError};
 use crate::state::{RequestState, StateStore};
 
@@ -189,13 +189,13 @@ pub(super) async fn run(
         let _ = out.flush();
         match replay_here(cfg, id).await {
             Ok(()) => {}
-            Err(e) if matches!(&e, RelayError::Replication(r) if r.is_slot_in_use()) => {
+            Err(e) if e.disposition() == Disposition::Standby => {
                 held_by = Some(0);
             }
             Err(e) => {
                 eprintln!("outbox-relay: replay failed: {e}");
                 let _ = store.fail(id, &format!("stopped by an error: {e}")).await;
-                return Ok(Some(if e.is_fatal() { 2 } else { 1 }));
+                return Ok(Some(e.disposition().exit_code()));
             }
         }
     }
