@@ -406,6 +406,11 @@ impl Config {
         }
         cfg.shard.resolve(&env)?;
         cfg.validate()?;
+        if cfg.shard.count > 1 && !cfg.outbox.messages_prefix.is_empty() {
+            return Err(ConfigError::Conflict {
+                message: "outbox.messages_prefix cannot be combined with shard.count > 1: logical messages pass no publication row filter, so every shard would relay each one; remove messages_prefix (write outbox rows) or set shard.count = 1".into(),
+            });
+        }
         // From here on postgres.slot and postgres.publication are this shard's.
         let shard = cfg.shard.shard();
         cfg.shard.base_slot = std::mem::take(&mut cfg.postgres.slot);

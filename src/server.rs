@@ -46,8 +46,10 @@ pub struct Server {
     pub synchronized_standby_slots: Option<String>,
     /// `sync_replication_slots` (17+; on a standby: failover slots are copied here).
     pub sync_replication_slots: Option<bool>,
-    /// Physical slots on this server: a standby streaming through
-    /// `primary_slot_name` holds one.
+    /// Physical slots on this server that a walsender streams from: a standby
+    /// streaming through `primary_slot_name` holds one. Inactive ones (a
+    /// retired standby, a stopped pg_receivewal) are left out: naming such a
+    /// slot in `synchronized_standby_slots` would hold the relay back.
     pub physical_slots: Vec<String>,
 }
 
@@ -61,7 +63,7 @@ impl Server {
                         current_setting('synchronized_standby_slots', true),
                         current_setting('sync_replication_slots', true),
                         ARRAY(SELECT slot_name::text FROM pg_replication_slots
-                              WHERE slot_type = 'physical' ORDER BY 1)",
+                              WHERE slot_type = 'physical' AND active ORDER BY 1)",
                 &[],
             )
             .await
@@ -85,6 +87,22 @@ impl Server {
     pub fn check_supported(&self) -> Result<(), SetupError> {
         if self.version_num < MIN_VERSION_NUM {
             return Err(SetupError::TooOld {
+                version_num: self.version_num,
+            });
+        }
+        Ok(())
+    }
+
+    /// Everything about this server `cfg` cannot work with: the version, a
+    /// standby that cannot decode, `failover_slot = "on"` before 17, shards
+    /// before 15 (row filters). Checked before anything is created.
+    pub fn check(&self, cfg: &crate::config::Config) -> Result<(), SetupError> {
+        self.check_supported()?;
+        self.check_standby()?;
+        self.failover_slot(cfg.postgres.failover_slot)?;
+        if cfg.shard.count > 1 && self.version_num < 150000 {
+            return Err(SetupError::ShardingNeeds15 {
+                count: cfg.shard.count,
                 version_num: self.version_num,
             });
         }

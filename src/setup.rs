@@ -69,6 +69,8 @@ pub enum SetupError {
         /// What the relay's checkpoint says was acknowledged last, if anything.
         at_risk: Option<AtRisk>,
     },
+    #[error("replication slot {name:?} does not exist on this standby, and the relay never creates a slot on a standby by itself; run `outbox-relay init` against the standby to create it (it waits for a running-transactions record from the primary: run SELECT pg_log_standby_snapshot(); there)")]
+    NoSlotOnStandby { name: String },
     #[error("PostgreSQL {} is not supported; outbox-relay needs PostgreSQL 14 or later: upgrade the server or point postgres.url at one", crate::server::version_text(*.version_num))]
     TooOld { version_num: i32 },
     #[error("postgres.failover_slot = \"on\" needs PostgreSQL 17 or later (this server is {}); set it to \"auto\" or \"off\", and see the README's failover section for what a failover costs before 17", crate::server::version_text(*.version_num))]
@@ -382,15 +384,7 @@ pub async fn prepare_publication(
 ) -> Result<(Server, Role, bool), SetupError> {
     let table = cfg.table().expect("validated");
     let server = Server::read(client).await?;
-    server.check_supported()?;
-    server.check_standby()?;
-    server.failover_slot(cfg.postgres.failover_slot)?;
-    if cfg.shard.count > 1 && server.version_num < 150000 {
-        return Err(SetupError::ShardingNeeds15 {
-            count: cfg.shard.count,
-            version_num: server.version_num,
-        });
-    }
+    server.check(cfg)?;
     check_wal_level(client).await?;
     let role = read_role(client).await?;
     role.check_replication()?;

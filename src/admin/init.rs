@@ -239,20 +239,7 @@ pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
     let server = &f.server;
     items.push(item(
         "server".into(),
-        match server
-            .check_supported()
-            .and_then(|()| server.check_standby())
-            .and_then(|()| server.failover_slot(cfg.postgres.failover_slot).map(drop))
-            .and_then(|()| {
-                if cfg.shard.count > 1 && server.version_num < 150000 {
-                    Err(SetupError::ShardingNeeds15 {
-                        count: cfg.shard.count,
-                        version_num: server.version_num,
-                    })
-                } else {
-                    Ok(())
-                }
-            }) {
+        match server.check(cfg) {
             Err(e) => Problem(e),
             Ok(()) => ItemState::Ok(format!(
                 "PostgreSQL {}, {}",

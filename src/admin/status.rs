@@ -104,7 +104,13 @@ pub(super) async fn read(client: &Client, cfg: &Config) -> Result<Status, SetupE
         None
     };
     let live_acked = match &report {
-        Some(r) if r.active => live_acked(&cfg.metrics.listen).await,
+        Some(r) if r.active => {
+            live_acked(
+                &cfg.metrics.listen,
+                cfg.shard.shard().is_sharded().then_some(cfg.shard.index),
+            )
+            .await
+        }
         _ => None,
     };
     Ok(Status {
@@ -344,7 +350,7 @@ const METRICS_TIMEOUT: Duration = Duration::from_millis(500);
 /// `outbox_relay_acked_lsn` of the instance at `metrics.listen`, if one
 /// answers there and streams (a wildcard listen address is asked on
 /// loopback). None when `status` runs on another host than the relay.
-async fn live_acked(listen: &str) -> Option<(Lsn, String)> {
+async fn live_acked(listen: &str, shard: Option<u32>) -> Option<(Lsn, String)> {
     let addr: SocketAddr = listen.parse().ok()?;
     let addr = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
@@ -366,13 +372,22 @@ async fn live_acked(listen: &str) -> Option<(Lsn, String)> {
     })
     .await
     .ok()??;
+    // `name value`, or `name{labels} value` (a sharded instance labels every
+    // series with its shard, which must be this config's).
     let value = |name: &str| {
         body.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (labels, r) = r.split_once('}')?;
+                    if shard.is_some_and(|i| !labels.contains(&format!("shard=\"{i}\""))) {
+                        return None;
+                    }
+                    r
+                }
+                None => rest,
+            };
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
         })
     };
     if value("outbox_relay_active") != Some(1.0) {

@@ -1,8 +1,10 @@
 //! What an error means, decided in one place: retried with backoff, standing
 //! by (another instance streams from the slot), or stopping the relay with an
 //! exit code. The run loop, `run`'s exit code and the admin commands all ask
-//! [`RelayError::disposition`] or [`SetupError::disposition`]; nothing else
-//! classifies errors.
+//! [`RelayError::disposition`] or [`SetupError::disposition`]. Below it, each
+//! boundary's own `is_permanent` still says whether its error is one the user
+//! must fix (SQLSTATE classes, TLS refusals), and `transport::connect_any`
+//! decides which errors move on to the next host of a multi-host URL.
 
 use super::RelayError;
 use crate::kafka::KafkaSetupError;

@@ -110,7 +110,7 @@ pub(super) async fn check_layout(
             });
         }
     }
-    tracing::warn!(slots = ?others.iter().map(|o| &o.name).collect::<Vec<_>>(), "slots of another shard count are left over from a change of shard.count; drop them (SELECT pg_drop_replication_slot(...)) or they keep WAL on the server");
+    tracing::warn!(slots = ?others.iter().map(|o| &o.name).collect::<Vec<_>>(), "slots of another shard count exist beside this layout's: while a change of shard.count is under way follow its procedure (README, \"Sharding\"); once it is done drop the old layout's slots and publications, or they keep WAL on the server");
     Ok(())
 }
 
@@ -133,6 +133,7 @@ pub(super) fn check_row_filter(
         (None, None) => true,
         (Some(f), Some(_)) => {
             f.contains("hashtext")
+                && f.contains(cfg.outbox.key.as_str())
                 && f.contains(&format!("% {})", shard.count))
                 && f.contains(&format!("= {})", shard.index))
         }

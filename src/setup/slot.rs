@@ -164,6 +164,9 @@ pub(super) async fn ensure_slot(
                 failover,
             });
         }
+        if server.in_recovery {
+            return Err(SetupError::NoSlotOnStandby { name: name.clone() });
+        }
         if !may_create {
             // Another instance may have created the publication a moment ago and be
             // creating the slot now: give it a few seconds before calling the slot lost.

@@ -6,10 +6,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::time::Duration;
 
 use outbox_relay::config::Config;
-use outbox_relay::metrics::Metrics;
+use outbox_relay::metrics::{Health, Metrics};
 use outbox_relay::relay::RelayError;
 use outbox_relay::setup::SetupError;
 
@@ -297,7 +296,10 @@ async fn changing_the_shard_count_is_refused_and_the_procedure_loses_nothing() {
 
     // A new relay started while the old ones stream waits for them.
     let early = spawn_relay(shard_config(&tc, 3, 1));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(30, "the new relay waiting for the old layout", || async {
+        matches!(early.metrics.health(), Health::Down(r) if r.contains("of the 2-shard layout is still streaming"))
+    })
+    .await;
     assert!(
         !early.metrics.is_active(),
         "a new shard streamed beside the old layout"

@@ -181,6 +181,8 @@ impl Session<'_> {
         let acked = self.acked;
         let window_start = self.window_start;
         let window = self.window.as_ref();
+        // Without the relay's tables (a read-only standby) nothing is written.
+        let ready = s.store.is_some();
         self.progress.send_if_modified(|p| {
             if p.acked == acked && p.window_start == window_start {
                 return false;
@@ -191,7 +193,7 @@ impl Session<'_> {
                 window_samples: window
                     .map(|w| w.snapshot(crate::relay::WINDOW_SAMPLES_STORED))
                     .unwrap_or_default(),
-                ready: true,
+                ready,
             };
             true
         });
