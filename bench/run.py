@@ -654,7 +654,7 @@ def run_read_limit(ctx, *, slot: str, publication: str, end: str, events: int) -
 def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str, events: int,
                       name: str, profile: str | None = None,
                       stall: tuple[float, float] | None = None, extra_config: str = "",
-                      stdout_sink: bool = False) -> dict:
+                      stdout_sink: bool = False, watch_slot: str | None = None) -> dict:
     """Starts the relay on a slot whose whole range is backlog and waits until the slot's
     confirmed_flush_lsn reaches `end`. profile: None, "perf" or "callgrind".
     Each run writes to topics of its own, like bench_producer.
@@ -662,7 +662,8 @@ def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str,
     the relay started streaming, for `seconds`, to see how much the relay holds while Kafka does not ack.
     extra_config: TOML appended to the relay's config (bench/shards.py: [shard]).
     stdout_sink: [sink] kind = "stdout" with confirm = true instead of Kafka, its output to /dev/null;
-    records written (events_produced) are counted instead of broker acknowledgements."""
+    records written (events_produced) are counted instead of broker acknowledgements.
+    watch_slot: the slot the relay streams from, when not `slot` itself (a shard's)."""
     cfg = ctx.out / f"relay-{name}.toml"
     mport = free_port()
     relay_config(cfg, url=ctx.url, brokers=ctx.brokers, slot=slot, publication=publication, table=table,
@@ -670,7 +671,7 @@ def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str,
                  topic=f"bench.relay.{{aggregate_type}}.{name}",
                  extra=extra_config + ('[sink]\nkind = "stdout"\nconfirm = true\n' if stdout_sink else ""))
     tansu_cpu0 = proc_cpu_seconds(ctx.tansu.pid) if ctx.tansu else None
-    watch = SlotWatch(ctx.db, slot, end)
+    watch = SlotWatch(ctx.db, watch_slot or slot, end)
     cmd = [RELAY_BIN, "run", "--config", cfg]
     if profile == "callgrind":
         # valgrind runs the relay in its own process: same pid.
