@@ -26,6 +26,7 @@ import copy
 import json
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -108,6 +109,19 @@ def fit(c1: float, cf: float, f: float) -> tuple[float, float]:
     return c1 - output, output
 
 
+def median_of(xs: list):
+    """The element-wise median of values of the same shape (dicts, lists, numbers); the
+    first value for anything else. A round made of the median of every measurement."""
+    x0 = xs[0]
+    if isinstance(x0, dict):
+        return {k: median_of([x[k] for x in xs]) for k in x0 if all(k in x for x in xs)}
+    if isinstance(x0, list) and all(isinstance(x, list) and len(x) == len(x0) for x in xs):
+        return [median_of([x[i] for x in xs]) for i in range(len(x0))]
+    if isinstance(x0, (int, float)) and not isinstance(x0, bool) and all(isinstance(x, (int, float)) for x in xs):
+        return statistics.median(xs)
+    return x0
+
+
 def model(res: dict) -> dict:
     """Decode share (every walsender decodes the whole WAL) and output share (divided
     among the shards), fitted per round from the unfiltered slot and shard 0 of 2 read
@@ -118,7 +132,7 @@ def model(res: dict) -> dict:
     other processes on the machine left during the phase, whichever is longer."""
     events, nproc = res["events"], res["machine"]["nproc"]
     out = []
-    for rnd in res["rounds"]:
+    for rnd in [*res["rounds"], median_of(res["rounds"]) | {"round": "median"}]:
         one, half, quarter = rnd["read_limit"], rnd["alone"]["0of2"], rnd["alone"].get("0of4")
         m = {"round": rnd["round"]}
         for key, unit in [("seconds", "wall_s"), ("walsender_cpu_s", "cpu_s")]:
@@ -170,8 +184,9 @@ def markdown(res: dict) -> str:
              "",
              "| round | N | sink | relays (events/s) | pg_recvlogical ×N (events/s) | relays / read limit "
              "| pg_recvlogical / read limit | walsender CPU s per 1M events (relays / pg_recvlogical) "
-             "| relay CPU s per shard | relay peak RSS per shard (MB) | other load (cores): relays / readers |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+             "| relay CPU s per shard | relay CPU s per 1M events, all shards | relay context switches per event "
+             "| relay peak RSS per shard (MB) | other load (cores): relays / readers |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |"]
     for rnd in res["rounds"]:
         lim = rnd["read_limit"]
         for sink, key in [("stdout", "relay"), ("tansu", "relay_tansu")]:
@@ -183,6 +198,8 @@ def markdown(res: dict) -> str:
                     f"| {rb.fmt(ph['walsender_cpu_s_per_million_events'], '.2f')} / "
                     f"{rb.fmt(rec['walsender_cpu_s_per_million_events'], '.2f')} "
                     f"| {', '.join(format(s['cpu_s'], '.2f') for s in ph['shards'])} "
+                    f"| {ph['relay_cpu_s_per_million_events']:.1f} "
+                    f"| {sum(s['context_switches_per_event'] * s['events_per_s'] * s['seconds'] for s in ph['shards']) / res['events']:.2f} "
                     f"| {', '.join(rb.fmt(s['peak_rss_mb'], '.1f') for s in ph['shards'])} "
                     f"| {ph['other_load_cores']:.2f} / {rec['other_load_cores']:.2f} |")
     lines += ["", "| round | slot read alone | events | seconds | events/s | walsender CPU s | other load (cores) |",
