@@ -143,6 +143,13 @@ def model(res: dict) -> dict:
             if quarter:
                 m[f"shard_0of4_{unit}_predicted"] = d + o * quarter["fraction"]
                 m[f"shard_0of4_{unit}_measured"] = quarter[key]
+                # The line through the two filtered slots alone instead (no unfiltered point).
+                of = (half[key] - quarter[key]) / (half["fraction"] - quarter["fraction"])
+                df = quarter[key] - of * quarter["fraction"]
+                m[f"filtered_line_decode_{unit}_per_million"] = df / events * 1e6
+                m[f"filtered_line_output_{unit}_per_million"] = of / events * 1e6
+                m[f"filtered_line_unfiltered_{unit}_predicted"] = df + of
+                m[f"filtered_line_decode_share_{unit}"] = df / (df + of)
         m["decode_rate_events_per_s"] = events / (m["decode_wall_s_per_million"] * events / 1e6)
         # Everything but the walsenders (pg_recvlogical or relays, this script, psql) at N = 1.
         base = {"recvlogical": rnd["read_limit"], "relay": rnd["relay"]["1"]}
@@ -177,31 +184,66 @@ def model(res: dict) -> dict:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Run {res['started']} ({res['total_seconds']:.0f} s): {m['nproc']} CPUs ({m['cpu_model']}), "
-             f"{m['postgresql']}; {res['events']:,} single-row inserts, {rb.KEYS} keys, "
-             f"{res['wal_bytes'] / 1e6:.0f} MB of WAL; rows per shard: "
-             + "; ".join(f"N={n}: {', '.join(f'{c:,}' for c in cs)}" for n, cs in res["shard_events"].items()) + ".",
-             "",
-             "| round | N | sink | relays (events/s) | pg_recvlogical ×N (events/s) | relays / read limit "
-             "| pg_recvlogical / read limit | walsender CPU s per 1M events (relays / pg_recvlogical) "
-             "| relay CPU s per shard | relay CPU s per 1M events, all shards | relay context switches per event "
-             "| relay peak RSS per shard (MB) | other load (cores): relays / readers |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |"]
+    rows = []  # one per round, N and sink
     for rnd in res["rounds"]:
         lim = rnd["read_limit"]
         for sink, key in [("stdout", "relay"), ("tansu", "relay_tansu")]:
             for n, ph in rnd.get(key, {}).items():
                 rec = lim if n == "1" else rnd["recvlogical"][n]
-                lines.append(
-                    f"| {rnd['round']} | {n} | {sink} | {ph['events_per_s']:,.0f} | {rec['events_per_s']:,.0f} "
-                    f"| {ph['events_per_s'] / lim['events_per_s']:.2f} | {rec['events_per_s'] / lim['events_per_s']:.2f} "
-                    f"| {rb.fmt(ph['walsender_cpu_s_per_million_events'], '.2f')} / "
-                    f"{rb.fmt(rec['walsender_cpu_s_per_million_events'], '.2f')} "
-                    f"| {', '.join(format(s['cpu_s'], '.2f') for s in ph['shards'])} "
-                    f"| {ph['relay_cpu_s_per_million_events']:.1f} "
-                    f"| {sum(s['context_switches_per_event'] * s['events_per_s'] * s['seconds'] for s in ph['shards']) / res['events']:.2f} "
-                    f"| {', '.join(rb.fmt(s['peak_rss_mb'], '.1f') for s in ph['shards'])} "
-                    f"| {ph['other_load_cores']:.2f} / {rec['other_load_cores']:.2f} |")
+                rows.append({
+                    "round": rnd["round"], "n": n, "sink": sink, "relays": ph["events_per_s"],
+                    "readers": rec["events_per_s"], "relays_ratio": ph["events_per_s"] / lim["events_per_s"],
+                    "readers_ratio": rec["events_per_s"] / lim["events_per_s"],
+                    "ws_relays": ph["walsender_cpu_s_per_million_events"],
+                    "ws_readers": rec["walsender_cpu_s_per_million_events"],
+                    "relay_cpu": [s["cpu_s"] for s in ph["shards"]],
+                    "relay_cpu_per_million": ph["relay_cpu_s_per_million_events"],
+                    "switches": sum(s["context_switches_per_event"] * s["events_per_s"] * s["seconds"]
+                                    for s in ph["shards"]) / res["events"],
+                    "rss": [s["peak_rss_mb"] or 0.0 for s in ph["shards"]],
+                    "load": ph["other_load_cores"], "load_readers": rec["other_load_cores"],
+                    "cores": ph["benchmark_cores"]})
+    m = res["machine"]
+    lines = [f"Run {res['started']} ({res['total_seconds']:.0f} s): {m['nproc']} CPUs ({m['cpu_model']}), "
+             f"{m['postgresql']}; {res['events']:,} single-row inserts, {rb.KEYS} keys, "
+             f"{res['wal_bytes'] / 1e6:.0f} MB of WAL; rows per shard: "
+             + "; ".join(f"N={n}: {', '.join(f'{c:,}' for c in cs)}" for n, cs in res["shard_events"].items()) + ".",
+             "", f"Median [lowest-highest] of {len(res['rounds'])} rounds:", "",
+             "| N | sink | relays (events/s) | pg_recvlogical ×N (events/s) | relays / read limit "
+             "| pg_recvlogical / read limit | walsender CPU s per 1M events: relays; pg_recvlogical "
+             "| relay CPU s, slowest shard | relay CPU s per 1M events, all shards | relay context switches per event "
+             "| relay peak RSS, largest shard (MB) | other load (cores): relays; readers "
+             "| cores the benchmark used, relay phase |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+
+    def mr(vals, spec):
+        vals = [v for v in vals if v is not None]
+        return (f"{format(statistics.median(vals), spec)} [{format(min(vals), spec)}-{format(max(vals), spec)}]"
+                if vals else "n/a")
+    for n, sink in dict.fromkeys((r["n"], r["sink"]) for r in rows):
+        g = [r for r in rows if r["n"] == n and r["sink"] == sink]
+
+        def col(k, spec):
+            return mr([r[k] for r in g], spec)
+        lines.append(f"| {n} | {sink} | {col('relays', ',.0f')} | {col('readers', ',.0f')} | {col('relays_ratio', '.2f')} "
+                     f"| {col('readers_ratio', '.2f')} | {col('ws_relays', '.1f')}; {col('ws_readers', '.1f')} "
+                     f"| {mr([max(r['relay_cpu']) for r in g], '.2f')} | {col('relay_cpu_per_million', '.1f')} "
+                     f"| {col('switches', '.2f')} | {mr([max(r['rss']) for r in g], '.1f')} "
+                     f"| {col('load', '.2f')}; {col('load_readers', '.2f')} | {col('cores', '.2f')} |")
+    lines += ["", "Every round:", "",
+              "| round | N | sink | relays (events/s) | pg_recvlogical ×N (events/s) | relays / read limit "
+              "| pg_recvlogical / read limit | walsender CPU s per 1M events: relays; pg_recvlogical "
+              "| relay CPU s per shard | relay CPU s per 1M events, all shards | relay context switches per event "
+              "| relay peak RSS per shard (MB) | other load (cores): relays; readers |",
+              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {r['n']} | {r['sink']} | {r['relays']:,.0f} | {r['readers']:,.0f} "
+            f"| {r['relays_ratio']:.2f} | {r['readers_ratio']:.2f} "
+            f"| {rb.fmt(r['ws_relays'], '.1f')}; {rb.fmt(r['ws_readers'], '.1f')} "
+            f"| {', '.join(format(c, '.2f') for c in r['relay_cpu'])} | {r['relay_cpu_per_million']:.1f} "
+            f"| {r['switches']:.2f} | {', '.join(format(x, '.1f') for x in r['rss'])} "
+            f"| {r['load']:.2f}; {r['load_readers']:.2f} |")
     lines += ["", "| round | slot read alone | events | seconds | events/s | walsender CPU s | other load (cores) |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for rnd in res["rounds"]:
