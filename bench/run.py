@@ -546,7 +546,9 @@ KAFKA_PROPERTIES: dict[str, str] = {}  # --kafka-property, for the relay and ben
 
 def relay_config(path: Path, *, url: str, brokers: str, slot: str, publication: str, table: str,
                  partitions: int, metrics: str, topic: str = "outbox.event.{aggregate_type}",
-                 create_topics: bool = True, properties: dict[str, str] | None = None) -> None:
+                 create_topics: bool = True, properties: dict[str, str] | None = None,
+                 extra: str = "") -> None:
+    """extra: TOML appended as is (tables such as [shard] or [sink])."""
     props = "".join(f'"{k}" = "{v}"\n' for k, v in {**KAFKA_PROPERTIES, **(properties or {})}.items())
     path.write_text(f"""# written by bench/run.py
 [postgres]
@@ -569,7 +571,7 @@ topic_partitions = {partitions}
 {props}
 [metrics]
 listen = "{metrics}"
-""")
+{extra}""")
 
 
 def relay_env() -> dict:
@@ -651,19 +653,25 @@ def run_read_limit(ctx, *, slot: str, publication: str, end: str, events: int) -
 
 def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str, events: int,
                       name: str, profile: str | None = None,
-                      stall: tuple[float, float] | None = None) -> dict:
+                      stall: tuple[float, float] | None = None, extra_config: str = "",
+                      stdout_sink: bool = False, watch_slot: str | None = None) -> dict:
     """Starts the relay on a slot whose whole range is backlog and waits until the slot's
     confirmed_flush_lsn reaches `end`. profile: None, "perf" or "callgrind".
     Each run writes to topics of its own, like bench_producer.
     stall: (after, seconds): freeze the broker (SIGSTOP to our tansu) `after` seconds after
-    the relay started streaming, for `seconds`, to see how much the relay holds while Kafka does not ack."""
+    the relay started streaming, for `seconds`, to see how much the relay holds while Kafka does not ack.
+    extra_config: TOML appended to the relay's config (bench/shards.py: [shard]).
+    stdout_sink: [sink] kind = "stdout" with confirm = true instead of Kafka, its output to /dev/null;
+    records written (events_produced) are counted instead of broker acknowledgements.
+    watch_slot: the slot the relay streams from, when not `slot` itself (a shard's)."""
     cfg = ctx.out / f"relay-{name}.toml"
     mport = free_port()
     relay_config(cfg, url=ctx.url, brokers=ctx.brokers, slot=slot, publication=publication, table=table,
                  partitions=ctx.args.partitions, metrics=f"127.0.0.1:{mport}",
-                 topic=f"bench.relay.{{aggregate_type}}.{name}")
+                 topic=f"bench.relay.{{aggregate_type}}.{name}",
+                 extra=extra_config + ('[sink]\nkind = "stdout"\nconfirm = true\n' if stdout_sink else ""))
     tansu_cpu0 = proc_cpu_seconds(ctx.tansu.pid) if ctx.tansu else None
-    watch = SlotWatch(ctx.db, slot, end)
+    watch = SlotWatch(ctx.db, watch_slot or slot, end)
     cmd = [RELAY_BIN, "run", "--config", cfg]
     if profile == "callgrind":
         # valgrind runs the relay in its own process: same pid.
@@ -674,7 +682,8 @@ def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str,
                "-o", ctx.out / f"perf-{name}.data", "--", *cmd]
     meter = CpuMeter()
     t0 = time.monotonic()
-    p = spawn(cmd, log_path=ctx.logs / f"relay-{name}.log", env=relay_env())
+    p = spawn(cmd, log_path=ctx.logs / f"relay-{name}.log", env=relay_env(),
+              stdout=subprocess.DEVNULL if stdout_sink else None)
     pid = p.pid
     if profile == "perf":
         while True:
@@ -727,7 +736,7 @@ def run_relay_catchup(ctx, *, slot: str, publication: str, table: str, end: str,
     tansu_cpu = proc_cpu_seconds(ctx.tansu.pid) - tansu_cpu0 if ctx.tansu else None
     _, text = http_get(f"http://127.0.0.1:{mport}/metrics")
     samples = prom_samples(text)
-    acked = prom_sum(samples, "outbox_relay_events_acked_total")
+    acked = prom_sum(samples, "outbox_relay_events_produced_total" if stdout_sink else "outbox_relay_events_acked_total")
     failed = prom_sum(samples, "outbox_relay_events_failed_total")
     if pid != p.pid:
         os.kill(pid, signal.SIGTERM)  # perf exits after its workload, writing its data
