@@ -70,7 +70,8 @@ pub struct DeliveryError {
     pub original: Option<Box<Record>>,
 }
 
-/// Broker or client errors that retrying cannot fix: the record itself is refused.
+/// Broker or client errors that retrying cannot fix: the record itself is
+/// refused, so `outbox.on_invalid` decides (stop, or the dead-letter topic).
 pub fn is_permanent(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -82,6 +83,8 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::TopicAuthorizationFailed
                 | RDKafkaErrorCode::PolicyViolation
                 | RDKafkaErrorCode::InvalidRecord
+                // A partition the topic does not have (a placed partition column).
+                | RDKafkaErrorCode::UnknownPartition
         )
     )
 }
@@ -446,6 +449,25 @@ impl Producer {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn records_the_broker_refuses_for_good_are_permanent_the_rest_retried() {
+        use rdkafka::error::KafkaError::MessageProduction as Produce;
+        for code in [
+            RDKafkaErrorCode::UnknownPartition,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(is_permanent(&Produce(code)), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert!(!is_permanent(&Produce(code)), "{code:?}");
+        }
+    }
     use super::*;
 
     fn report(json: &str) -> StatsReport {

@@ -1,74 +1,13 @@
-//! Where records go: the Kafka producer, or stdout as JSON lines.
-//!
-//! Both report every record on the same delivery-report channel, so the ack
-//! tracker and the stream loop do not care which one runs. The stdout sink
-//! acknowledges a record once its line is written and flushed.
+//! The stdout sink: one JSON line per record, acknowledged once the line is
+//! written and flushed (for `tail`, debugging, and runs without a broker).
 
 use std::io::Write;
-use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::ack::Seq;
-use crate::config::{Config, SinkKind};
-use crate::kafka::{DeliveryReport, KafkaSetupError, Producer, SendError};
-use crate::metrics::Metrics;
+use crate::kafka::{DeliveryReport, SendError};
 use crate::outbox::Record;
-use crate::pgoutput::Timestamp;
-
-pub enum Sink {
-    Kafka(Producer),
-    Stdout(StdoutSink),
-}
-
-impl Sink {
-    /// The configured sink and the channel its delivery reports arrive on.
-    pub fn new(
-        cfg: &Config,
-        metrics: Arc<Metrics>,
-    ) -> Result<(Sink, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
-        match cfg.sink.kind {
-            SinkKind::Kafka => {
-                let (p, rx) = Producer::new(&cfg.kafka, metrics)?;
-                Ok((Sink::Kafka(p), rx))
-            }
-            SinkKind::Stdout => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                Ok((Sink::Stdout(StdoutSink { reports: tx }), rx))
-            }
-        }
-    }
-
-    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), KafkaSetupError> {
-        match self {
-            Sink::Kafka(p) => p.ensure_topic(topic).await,
-            Sink::Stdout(_) => Ok(()),
-        }
-    }
-
-    pub fn send(&self, seq: Seq, commit_time: Timestamp, record: &Record) -> Result<(), SendError> {
-        match self {
-            Sink::Kafka(p) => p.send(seq, commit_time, record),
-            Sink::Stdout(s) => s.send(seq, record),
-        }
-    }
-
-    /// Why the sink cannot be used any more, if so (see [`Producer::fatal_error`]).
-    pub fn fatal_error(&self) -> Option<String> {
-        match self {
-            Sink::Kafka(p) => p.fatal_error(),
-            Sink::Stdout(_) => None,
-        }
-    }
-
-    /// Records enqueued and not yet reported.
-    pub fn queued(&self) -> i32 {
-        match self {
-            Sink::Kafka(p) => p.queued(),
-            Sink::Stdout(_) => 0,
-        }
-    }
-}
 
 /// Writes each record as one JSON line: `topic`, `key`, `value`, `headers`
 /// (`[[name, value], ...]` in record order) and `lsn`. Bytes that are not UTF-8
@@ -78,7 +17,11 @@ pub struct StdoutSink {
 }
 
 impl StdoutSink {
-    fn send(&self, seq: Seq, record: &Record) -> Result<(), SendError> {
+    pub(super) fn new(reports: mpsc::UnboundedSender<DeliveryReport>) -> StdoutSink {
+        StdoutSink { reports }
+    }
+
+    pub(super) fn send(&self, seq: Seq, record: &Record) -> Result<(), SendError> {
         let mut line = json_line(record);
         line.push('\n');
         let mut out = std::io::stdout().lock();
