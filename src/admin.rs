@@ -1,5 +1,6 @@
-//! The administrative commands `init` and `status`: what they check, print and
-//! exit with.
+//! The administrative commands `init`, `status` and `replay`, as plain async
+//! functions: what they check, print, and which failure code they report.
+//! The CLI owns the runtime, the help texts and the process exit code.
 //!
 //! `init` reads the server's settings, the role's attributes and privileges and
 //! the existing objects, decides per item whether it is fine, missing (to be
@@ -10,7 +11,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -30,16 +30,6 @@ pub use init::{
 #[cfg(test)]
 use status::{bytes, Status};
 
-/// `--help` footer of `init`.
-pub const INIT_HELP: &str = "Exit codes: 0 everything is in place (with --dry-run: no check failed), 1 PostgreSQL unreachable or a statement failed, 2 bad usage or configuration (including bad credentials) or a failed check; the check's line says what to change, and nothing is created while a check fails.
-
-Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
-
-/// `--help` footer of `status`.
-pub const STATUS_HELP: &str = "Exit codes: 0 the slot exists and is usable, 1 the slot is missing, lost (wal_status = lost) or not a pgoutput slot of this database, or PostgreSQL is unreachable (the reason is printed on stderr), 2 bad usage or configuration (including bad credentials).
-
-Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
-
 /// How long the admin commands wait for a connection unless the URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,9 +43,14 @@ fn shard_configs(cfg: &Config, all_shards: bool) -> Vec<Config> {
     }
 }
 
-/// Runs `outbox-relay init`.
-pub fn init_main(cfg: &Config, dry_run: bool, all_shards: bool) -> ExitCode {
-    with_client(cfg, |client| async move {
+/// `outbox-relay init`; `Some(code)` when a check or a statement failed.
+pub async fn init(
+    client: Client,
+    cfg: &Config,
+    dry_run: bool,
+    all_shards: bool,
+) -> Result<Option<u8>, SetupError> {
+    {
         let mut out = std::io::stdout().lock();
         let configs = shard_configs(cfg, all_shards);
         for c in &configs {
@@ -70,12 +65,19 @@ pub fn init_main(cfg: &Config, dry_run: bool, all_shards: bool) -> ExitCode {
             init::report_cut_over(&client, cfg, &mut out).await?;
         }
         Ok(None)
-    })
+    }
 }
 
-/// Runs `outbox-relay status`; `config_path` goes into the hint for a missing slot.
-pub fn status_main(cfg: &Config, config_path: &Path, json: bool, all_shards: bool) -> ExitCode {
-    with_client(cfg, |client| async move {
+/// `outbox-relay status`; `config_path` goes into the hint for a missing
+/// slot; `Some(1)` when a slot is missing, lost or not usable.
+pub async fn status(
+    client: Client,
+    cfg: &Config,
+    config_path: &Path,
+    json: bool,
+    all_shards: bool,
+) -> Result<Option<u8>, SetupError> {
+    {
         let mut out = std::io::stdout().lock();
         let configs = shard_configs(cfg, all_shards);
         let mut reports = Vec::new();
@@ -111,48 +113,26 @@ pub fn status_main(cfg: &Config, config_path: &Path, json: bool, all_shards: boo
             eprintln!("outbox-relay: {reason}");
         }
         Ok((!problems.is_empty()).then_some(1))
-    })
+    }
 }
 
-/// `--help` footer of `replay`.
-pub const REPLAY_HELP: &str = "How it works: the request goes into the replay_request table; the instance holding the slot finishes its in-flight deliveries, streams again from the slot's confirmed position (the start of the replay window), produces the transactions of the range again with a `replayed` header, skips the rest up to the checkpoint, and carries on live. With no instance running, this command holds the slot and does it itself, producing nothing outside the range and confirming nothing.
-
-Exit codes: 0 replayed, 1 PostgreSQL or Kafka failed or the request was not executed in time, 2 bad usage or configuration, or a range the slot no longer retains (the message names the earliest replayable LSN).";
-
-/// Runs `outbox-relay replay`.
-pub fn replay_main(cfg: &Config, args: &ReplayArgs) -> ExitCode {
-    with_client(
-        cfg,
-        |client| async move { replay::run(client, cfg, args).await },
-    )
+/// `outbox-relay replay`.
+pub async fn replay(
+    client: Client,
+    cfg: &Config,
+    args: &ReplayArgs,
+) -> Result<Option<u8>, SetupError> {
+    replay::run(client, cfg, args).await
 }
 
-/// Connects, runs `f`, and turns its outcome into the exit code (`Some(code)` = failed).
-fn with_client<F, Fut>(cfg: &Config, f: F) -> ExitCode
-where
-    F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<Option<u8>, SetupError>>,
-{
-    let rt = match crate::cli::runtime(tokio::runtime::Builder::new_current_thread()) {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+/// The SQL connection of an admin command: `postgres.url`, waiting at most
+/// [`CONNECT_TIMEOUT`] unless the URL sets `connect_timeout`.
+pub async fn connect(cfg: &Config) -> Result<Client, SetupError> {
     let mut pg = cfg.postgres_config().expect("validated");
     if pg.config.get_connect_timeout().is_none() {
         pg.config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let result = rt.block_on(async {
-        let client = setup::sql_connect(&pg).await?;
-        f(client).await
-    });
-    match result {
-        Ok(None) => ExitCode::SUCCESS,
-        Ok(Some(code)) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("outbox-relay: {e}");
-            ExitCode::from(e.disposition().exit_code())
-        }
-    }
+    setup::sql_connect(&pg).await
 }
 
 #[cfg(test)]

@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::admin;
 use crate::config::{Config, SinkKind};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::relay::{self, RunOptions};
+use crate::setup::SetupError;
 
 const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
 
@@ -60,7 +62,7 @@ pub enum Command {
     /// The live stream then continues where it was; the checkpoint never moves
     /// back. Refused, naming the earliest replayable LSN, if the slot no longer
     /// retains the start of the range (see [replay] window).
-    #[command(after_help = crate::admin::REPLAY_HELP)]
+    #[command(after_help = REPLAY_HELP)]
     Replay {
         /// Path of the TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -109,7 +111,7 @@ pub enum Command {
     /// configured columns. Prints one line per item: ok, created, would create,
     /// or what to change. Creates nothing while a check fails, whatever
     /// postgres.create_missing says. Safe to run again: what exists is left alone.
-    #[command(after_help = crate::admin::INIT_HELP)]
+    #[command(after_help = INIT_HELP)]
     Init {
         /// Path of the TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -127,7 +129,7 @@ pub enum Command {
     /// retained_wal_bytes = current WAL - restart_lsn, wal_status), the server's
     /// current WAL position, lag_bytes (current WAL - confirmed_flush_lsn) and
     /// the publication's tables. Never prints the connection string.
-    #[command(after_help = crate::admin::STATUS_HELP)]
+    #[command(after_help = STATUS_HELP)]
     Status {
         /// Path of the TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -195,7 +197,9 @@ pub fn main() -> ExitCode {
             dry_run,
             all_shards,
         } => match load(&config) {
-            Ok(cfg) => crate::admin::init_main(&cfg, dry_run, all_shards),
+            Ok(cfg) => with_client(&cfg, |client| {
+                admin::init(client, &cfg, dry_run, all_shards)
+            }),
             Err(code) => code,
         },
         Command::Status {
@@ -203,7 +207,9 @@ pub fn main() -> ExitCode {
             json,
             all_shards,
         } => match load(&config) {
-            Ok(cfg) => crate::admin::status_main(&cfg, &config, json, all_shards),
+            Ok(cfg) => with_client(&cfg, |client| {
+                admin::status(client, &cfg, &config, json, all_shards)
+            }),
             Err(code) => code,
         },
         Command::Run { config, start_lsn } => {
@@ -228,16 +234,16 @@ pub fn main() -> ExitCode {
             only_topic,
             wait_secs,
         } => match load(&config) {
-            Ok(cfg) => crate::admin::replay_main(
-                &cfg,
-                &crate::admin::ReplayArgs {
+            Ok(cfg) => {
+                let args = admin::ReplayArgs {
                     from: from_lsn,
                     to: to_lsn,
                     only_topic,
                     topic_suffix,
                     wait: std::time::Duration::from_secs(wait_secs),
-                },
-            ),
+                };
+                with_client(&cfg, |client| admin::replay(client, &cfg, &args))
+            }
             Err(code) => code,
         },
         Command::Tail { config } => {
@@ -314,6 +320,44 @@ pub(crate) fn runtime(
         eprintln!("outbox-relay: cannot start the async runtime: {e}");
         ExitCode::from(1)
     })
+}
+
+/// `--help` footer of `init`.
+pub const INIT_HELP: &str = "Exit codes: 0 everything is in place (with --dry-run: no check failed), 1 PostgreSQL unreachable or a statement failed, 2 bad usage or configuration (including bad credentials) or a failed check; the check's line says what to change, and nothing is created while a check fails.
+
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
+/// `--help` footer of `status`.
+pub const STATUS_HELP: &str = "Exit codes: 0 the slot exists and is usable, 1 the slot is missing, lost (wal_status = lost) or not a pgoutput slot of this database, or PostgreSQL is unreachable (the reason is printed on stderr), 2 bad usage or configuration (including bad credentials).
+
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, RUST_LOG sets the log filter (default \"info\").";
+/// `--help` footer of `replay`.
+pub const REPLAY_HELP: &str = "How it works: the request goes into the replay_request table; the instance holding the slot finishes its in-flight deliveries, streams again from the slot's confirmed position (the start of the replay window), produces the transactions of the range again with a `replayed` header, skips the rest up to the checkpoint, and carries on live. With no instance running, this command holds the slot and does it itself, producing nothing outside the range and confirming nothing.
+
+Exit codes: 0 replayed, 1 PostgreSQL or Kafka failed or the request was not executed in time, 2 bad usage or configuration, or a range the slot no longer retains (the message names the earliest replayable LSN).";
+
+/// Runs an admin command on a current-thread runtime and turns its outcome
+/// into the exit code (`Some(code)`: it failed with that code).
+fn with_client<F, Fut>(cfg: &Config, f: F) -> ExitCode
+where
+    F: FnOnce(tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<u8>, SetupError>>,
+{
+    let rt = match runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        let client = admin::connect(cfg).await?;
+        f(client).await
+    });
+    match result {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(code)) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(e.disposition().exit_code())
+        }
+    }
 }
 
 async fn wait_for_signal() {
