@@ -145,6 +145,11 @@ mod tests {
                 Retry,
             ),
             (
+                "slot not on the streaming host",
+                RelayError::Replication(ReplicationError::NoSlotHere { slot: "s".into() }),
+                Retry,
+            ),
+            (
                 "closed",
                 RelayError::Replication(ReplicationError::Closed {
                     context: "streaming",

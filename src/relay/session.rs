@@ -153,6 +153,17 @@ impl Session<'_> {
         if self.opts.temporary_slot.is_some() {
             conn.create_temporary_slot(&slot_name).await?;
         }
+        // The slot's position as the server that streams sees it: with several
+        // hosts in postgres.url the SQL connection may have reached another one
+        // (a failover in between), and the tracker must start where this one is.
+        let confirmed = match &slot {
+            Some(_) => conn.confirmed_flush(&slot_name).await?.ok_or_else(|| {
+                ReplicationError::NoSlotHere {
+                    slot: slot_name.clone(),
+                }
+            })?,
+            None => confirmed,
+        };
         if let Some(failover) = slot.as_ref().and_then(|s| s.set_failover) {
             conn.set_failover(&slot_name, failover).await?;
             tracing::info!(slot = %slot_name, failover, "changed the slot's failover property (postgres.failover_slot)");

@@ -46,6 +46,10 @@ pub enum ReplicationError {
     Auth { user: String, message: String },
     #[error("replication protocol error: {0}")]
     Protocol(String),
+    /// The replication connection reached another host of a multi-host URL
+    /// than the SQL connection, one without the slot: retried.
+    #[error("the replication connection reached a server without slot {slot:?} (the SQL connection found it on another host of postgres.url, e.g. during a failover); retrying")]
+    NoSlotHere { slot: String },
 }
 
 fn server_message(

@@ -227,6 +227,24 @@ impl ReplicationConnection {
         .map(drop)
     }
 
+    /// The slot's `confirmed_flush_lsn` on this server (`0/0` if it has none
+    /// yet); `None` if the slot does not exist here.
+    pub async fn confirmed_flush(&mut self, slot: &str) -> Result<Option<Lsn>, ReplicationError> {
+        let rows = self
+            .simple_query(&format!(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?;
+        Ok(rows.first().map(|row| {
+            row.first()
+                .cloned()
+                .flatten()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(Lsn::ZERO)
+        }))
+    }
+
     /// Makes a slot a failover slot or an ordinary one (PostgreSQL 17+).
     pub async fn set_failover(
         &mut self,
