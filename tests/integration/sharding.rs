@@ -228,11 +228,7 @@ async fn a_killed_shard_loses_nothing_while_the_other_keeps_streaming() {
     write(&db, &tc.table, &keys, 1000, 200, 5).await;
     let got = tokio::task::spawn_blocking({
         let (brokers, topic) = (s.brokers.clone(), tc.topic("s"));
-        move || {
-            consume_until(&brokers, &[topic], |got| {
-                seqs(got).into_iter().collect::<HashSet<_>>().len() >= 1200
-            })
-        }
+        move || consume_distinct(&brokers, &topic, 1200)
     })
     .await
     .unwrap();
@@ -344,11 +340,7 @@ async fn changing_the_shard_count_is_refused_and_the_procedure_loses_nothing() {
     write(&db, &tc.table, &keys, 600, 300, 3).await;
     let got = tokio::task::spawn_blocking({
         let (brokers, topic) = (s.brokers.clone(), tc.topic("s"));
-        move || {
-            consume_until(&brokers, &[topic], |got| {
-                seqs(got).into_iter().collect::<HashSet<_>>().len() >= 900
-            })
-        }
+        move || consume_distinct(&brokers, &topic, 900)
     })
     .await
     .unwrap();
