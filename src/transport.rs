@@ -355,13 +355,6 @@ impl PgTarget {
         })
     }
 
-    /// `host:port` (or the socket path) of each host, in order.
-    pub fn addresses(&self) -> Vec<String> {
-        (0..self.config.get_hosts().len())
-            .map(|i| self.address(i).1)
-            .collect()
-    }
-
     fn address(&self, i: usize) -> (&Host, String, u16) {
         let cfg = &self.config;
         let ports = cfg.get_ports();

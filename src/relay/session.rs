@@ -119,22 +119,7 @@ impl Session<'_> {
             (temp.clone(), None, plan, None)
         } else {
             let (server, slot) = setup::prepare(&client, cfg, self.first).await?;
-            let (plan, store) = if server.in_recovery {
-                // A standby is read-only: no checkpoint row, no replay
-                // requests; the slot alone keeps the position.
-                if self.first {
-                    tracing::info!(version = %server.version(), "decoding on a standby: checkpoints and replay requests are not stored here (the standby is read-only); after a crash the relay resends from the slot's confirmed position");
-                }
-                (
-                    Plan {
-                        live: self.opts.replay_request.is_none(),
-                        ..Plan::default()
-                    },
-                    None,
-                )
-            } else {
-                self.plan(client, &slot).await?
-            };
+            let (plan, store) = self.plan(client, &server, &slot).await?;
             if store.is_some() {
                 self.progress
                     .send_if_modified(|p| !std::mem::replace(&mut p.ready, true));

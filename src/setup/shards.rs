@@ -32,11 +32,10 @@ pub struct OtherShardSlot {
 }
 
 pub(super) fn others_layouts(others: &[OtherShardSlot]) -> String {
-    let mut counts: Vec<String> = others
-        .iter()
-        .map(|o| format!("{}-shard", o.count))
-        .collect();
+    let mut counts: Vec<u32> = others.iter().map(|o| o.count).collect();
+    counts.sort_unstable();
     counts.dedup();
+    let counts: Vec<String> = counts.iter().map(|n| format!("{n}-shard")).collect();
     counts.join(" and ")
 }
 
@@ -79,8 +78,8 @@ pub async fn other_layouts(
 /// With slots of another shard count present: refuses to create this
 /// layout's slot (the count changed), waits while an old relay streams, and
 /// refuses to start a new shard before every old slot has confirmed up to
-/// where the new one starts. `has_streamed`: this slot has a checkpoint (the
-/// change of layout is over for it).
+/// where the new one starts. A slot with a stored checkpoint has streamed
+/// already: the change of layout is over for it, and old slots are only left over.
 pub(super) async fn check_layout(
     client: &Client,
     cfg: &Config,
@@ -129,7 +128,8 @@ pub(super) fn check_row_filter(
     found: Option<String>,
 ) -> Result<(), SetupError> {
     let shard = cfg.shard.shard();
-    let fits = match (&found, row_filter(cfg)) {
+    let wanted = row_filter(cfg);
+    let fits = match (&found, &wanted) {
         (None, None) => true,
         (Some(f), Some(_)) => {
             f.contains("hashtext")
@@ -146,7 +146,7 @@ pub(super) fn check_row_filter(
         name: cfg.postgres.publication.clone(),
         table: table.clone(),
         found,
-        wanted: row_filter(cfg),
+        wanted,
         shard,
     })))
 }

@@ -69,20 +69,23 @@ impl SlotState {
     }
 }
 
-/// Creates the pgoutput slot, without `;`; a failover slot when `failover`
-/// (the five-argument form exists from PostgreSQL 17 on).
-pub fn create_slot_sql(slot: &str, failover: bool) -> String {
+/// The arguments of `pg_create_logical_replication_slot` after the name: a
+/// failover slot when `failover` (the five-argument form exists from 17 on).
+fn slot_args(failover: bool) -> &'static str {
     if failover {
-        format!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)",
-            quote_literal(slot)
-        )
+        "'pgoutput', false, false, true"
     } else {
-        format!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
-            quote_literal(slot)
-        )
+        "'pgoutput'"
     }
+}
+
+/// Creates the pgoutput slot, without `;` (what `init` prints and runs).
+pub fn create_slot_sql(slot: &str, failover: bool) -> String {
+    format!(
+        "SELECT pg_create_logical_replication_slot({}, {})",
+        quote_literal(slot),
+        slot_args(failover)
+    )
 }
 
 /// Reads the slot; `None` if it does not exist.
@@ -184,12 +187,11 @@ pub(super) async fn ensure_slot(
         if cfg.postgres.recreate_missing_slot {
             tracing::warn!(slot = %name, "creating a missing replication slot (postgres.recreate_missing_slot): events committed while it was missing are not relayed");
         }
-        let sql = if failover {
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
-        } else {
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
-        };
-        match client.query_one(sql, &[name]).await {
+        let sql = format!(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, {})",
+            slot_args(failover)
+        );
+        match client.query_one(&sql, &[name]).await {
             Ok(row) => {
                 created = true;
                 tracing::info!(slot = %name, lsn = %row.get::<_, String>(0), failover, "created replication slot")

@@ -6,6 +6,7 @@ use super::{Session, SessionEnd, Stream};
 use crate::lsn::Lsn;
 use crate::relay::plan::{JobProgress, Plan};
 use crate::relay::{Progress, RelayError, WindowKeeper};
+use crate::server::Server;
 use crate::setup;
 use crate::state::{Outcome, StateStore};
 use crate::transport::PgTarget;
@@ -38,6 +39,7 @@ impl Session<'_> {
     pub(super) async fn plan(
         &mut self,
         client: tokio_postgres::Client,
+        server: &Server,
         slot: &setup::SlotState,
     ) -> Result<(Plan, Option<StateStore>), RelayError> {
         let cfg = self.cfg;
@@ -47,6 +49,14 @@ impl Session<'_> {
         };
         if !self.confirms && self.opts.replay_request.is_none() {
             return Ok((plan, None)); // stdout without confirming: everything from the slot
+        }
+        if server.in_recovery {
+            // A standby is read-only: no checkpoint row, no replay requests;
+            // the slot alone keeps the position.
+            if self.first {
+                tracing::info!(version = %server.version(), "decoding on a standby: checkpoints and replay requests are not stored here (the standby is read-only); after a crash the relay resends from the slot's confirmed position");
+            }
+            return Ok((plan, None));
         }
         crate::state::ensure(&client, cfg).await?;
         let store = StateStore::new(client, cfg);
