@@ -19,8 +19,27 @@ pub enum TxClass {
 #[derive(Debug, Clone)]
 pub struct JobProgress {
     pub job: ReplayJob,
+    /// Transactions of the range that produced at least one event.
     pub transactions: u64,
     pub events: u64,
+    /// `events` when the transaction being received began.
+    pub events_at_begin: u64,
+}
+
+impl JobProgress {
+    /// A replayed transaction begins.
+    pub fn begin(&mut self) {
+        self.events_at_begin = self.events;
+    }
+
+    /// A replayed transaction commits. Counted only if it produced events:
+    /// PostgreSQL 14's pgoutput also sends the empty BEGIN/COMMIT of
+    /// transactions that touched no published table.
+    pub fn commit(&mut self) {
+        if self.events > self.events_at_begin {
+            self.transactions += 1;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +94,21 @@ mod tests {
             },
             transactions: 0,
             events: 0,
+            events_at_begin: 0,
         }
+    }
+
+    #[test]
+    fn a_replayed_transaction_counts_only_if_it_produced_events() {
+        let mut p = job(0, 100);
+        // An empty transaction (PostgreSQL 14 sends those of other tables).
+        p.begin();
+        p.commit();
+        assert_eq!(p.transactions, 0);
+        p.begin();
+        p.events += 3;
+        p.commit();
+        assert_eq!((p.transactions, p.events), (1, 3));
     }
 
     #[test]

@@ -471,6 +471,9 @@ impl Session<'_> {
                 s.lsn_text = lsn_header(b.final_lsn);
                 s.commit_time = b.commit_time;
                 s.class = s.plan.classify(b.final_lsn);
+                if let (TxClass::Replay, Some(p)) = (s.class, s.plan.job.as_mut()) {
+                    p.begin();
+                }
                 s.tracker.begin();
             }
             Message::Commit(c) => {
@@ -479,7 +482,7 @@ impl Session<'_> {
                 self.metrics.transactions_confirmed.inc_by(confirmed as u64);
                 match (s.class, s.plan.job.as_mut()) {
                     (TxClass::Skip, _) => self.metrics.transactions_skipped.inc(),
-                    (TxClass::Replay, Some(p)) => p.transactions += 1,
+                    (TxClass::Replay, Some(p)) => p.commit(),
                     _ => {}
                 }
             }

@@ -158,6 +158,7 @@ impl Session<'_> {
             job,
             transactions: 0,
             events: 0,
+            events_at_begin: 0,
         });
         Ok(true)
     }
