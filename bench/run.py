@@ -578,12 +578,27 @@ def relay_env() -> dict:
     return dict(os.environ, RUST_LOG=os.environ.get("BENCH_RELAY_LOG", "warn"))
 
 
+# Labels every series of a process carries (which sink, which shard): dropped
+# so a series reads by its name and its own labels.
+CONST_LABELS = ("sink", "shard")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def without_const_labels(series: str) -> str:
+    name, brace, rest = series.partition("{")
+    if not brace:
+        return series
+    kept = [m.group(0) for m in LABEL.finditer(rest) if m.group(1) not in CONST_LABELS]
+    return name + ("{" + ",".join(kept) + "}" if kept else "")
+
+
 def prom_samples(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():
             continue
         name, _, value = line.rpartition(" ")
+        name = without_const_labels(name)
         try:
             out[name] = float(value)
         except ValueError:

@@ -279,7 +279,7 @@ async fn run(cfg: Config, opts: RunOptions) -> ExitCode {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     });
-    let metrics = Arc::new(Metrics::for_shard(cfg.shard.shard()));
+    let metrics = Arc::new(Metrics::labelled(cfg.shard.shard(), cfg.sink.kind.label()));
     if !cfg.metrics.listen.is_empty() {
         match crate::http::bind(&cfg.metrics.listen).await {
             Ok(listener) => {

@@ -132,7 +132,7 @@ mod tests {
         metrics.set_health(Health::Streaming);
         assert!(get(addr, "/readyz").await.contains("ready: streaming"));
         let m = get(addr, "/metrics").await;
-        assert!(m.contains("outbox_relay_active 1"), "{m}");
+        assert!(m.contains("outbox_relay_active{sink=\"kafka\"} 1"), "{m}");
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

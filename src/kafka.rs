@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -25,6 +25,7 @@ use crate::config::{property_value, KafkaConfig};
 use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
+use crate::sink::{DeliveryError, DeliveryReport, Refusal, SendError, SinkSetupError};
 
 /// Defaults the relay applies unless `[kafka.properties]` sets them.
 const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
@@ -52,23 +53,6 @@ const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
     ("statistics.interval.ms", "10000"),
     ("message.timeout.ms", "300000"),
 ];
-
-/// The outcome of one record.
-#[derive(Debug)]
-pub struct DeliveryReport {
-    pub seq: Seq,
-    pub result: Result<(), DeliveryError>,
-}
-
-/// A record the broker did not accept after librdkafka's retries.
-#[derive(Debug, thiserror::Error)]
-#[error("Kafka did not accept record for topic {topic:?}: {error}{}", hint(.error))]
-pub struct DeliveryError {
-    pub topic: String,
-    pub error: KafkaError,
-    /// The record as sent, kept only when the error is permanent (for the dead-letter policy).
-    pub original: Option<Box<Record>>,
-}
 
 /// Broker or client errors that retrying cannot fix: the record itself is
 /// refused, so `outbox.on_invalid` decides (stop, or the dead-letter topic).
@@ -128,26 +112,20 @@ fn hint(e: &KafkaError) -> &'static str {
     }
 }
 
-/// Why a record could not be enqueued.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// librdkafka's queue is full: back off and retry the same record.
-    #[error("producer queue is full")]
-    QueueFull,
-    #[error("cannot enqueue record for topic {topic:?}: {error}")]
-    Rejected { topic: String, error: KafkaError },
-    /// The stdout sink could not write (closed pipe, full disk).
-    #[error("cannot write the record to stdout: {0}")]
-    Output(std::io::Error),
+fn config_error(e: KafkaError) -> SinkSetupError {
+    SinkSetupError::Config {
+        sink: "Kafka",
+        message: format!("{e}; check [kafka.properties]"),
+    }
 }
 
-/// An error creating the producer or a topic.
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaSetupError {
-    #[error("invalid Kafka producer configuration: {0}; check [kafka.properties]")]
-    Config(KafkaError),
-    #[error("cannot create topic {topic:?}: {error}; create it by hand or check the relay's CREATE permission")]
-    CreateTopic { topic: String, error: String },
+/// The dead-letter reason for a record Kafka refuses for good.
+fn refusal_reason(e: &KafkaError) -> &'static str {
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        "too_large"
+    } else {
+        "rejected"
+    }
 }
 
 /// What travels with each record through librdkafka to its delivery report.
@@ -254,13 +232,6 @@ fn record_broker_rtt(metrics: &Metrics, report: &StatsReport) {
     }
 }
 
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 impl ProducerContext for Context {
     type DeliveryOpaque = Box<InFlight>;
 
@@ -271,10 +242,9 @@ impl ProducerContext for Context {
                     .events_acked
                     .with_label_values(&[msg.topic()])
                     .inc();
-                let micros = now_micros()
-                    .saturating_sub(inflight.commit_time.unix_micros())
-                    .max(0);
-                self.metrics.delivery_latency.observe(micros as f64 / 1e6);
+                self.metrics
+                    .delivery_latency
+                    .observe(crate::sink::seconds_since(inflight.commit_time));
                 Ok(())
             }
             Err((error, msg)) => {
@@ -282,11 +252,15 @@ impl ProducerContext for Context {
                     .events_failed
                     .with_label_values(&[msg.topic()])
                     .inc();
-                let original = is_permanent(error).then(|| Box::new(record_of(msg)));
+                let refused = is_permanent(error).then(|| Refusal {
+                    reason: refusal_reason(error),
+                    original: Box::new(record_of(msg)),
+                });
                 Err(DeliveryError {
+                    sink: "Kafka",
                     topic: msg.topic().to_string(),
-                    error: error.clone(),
-                    original,
+                    error: format!("{error}{}", hint(error)),
+                    refused,
                 })
             }
         };
@@ -327,7 +301,7 @@ impl Producer {
     pub fn new(
         cfg: &KafkaConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
+    ) -> Result<(Producer, mpsc::UnboundedReceiver<DeliveryReport>), SinkSetupError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut cc = client_config(cfg);
         cc.set("enable.idempotence", "true").set("acks", "all");
@@ -336,13 +310,13 @@ impl Producer {
                 reports: tx,
                 metrics,
             })
-            .map_err(KafkaSetupError::Config)?;
+            .map_err(config_error)?;
         let admin = if cfg.create_topics {
             let admin: AdminClient<DefaultClientContext> = client_config(cfg)
                 // Its default context would log every statistics report.
                 .set("statistics.interval.ms", "0")
                 .create()
-                .map_err(KafkaSetupError::Config)?;
+                .map_err(config_error)?;
             Some((
                 admin,
                 NewTopicSettings {
@@ -365,7 +339,7 @@ impl Producer {
 
     /// With `kafka.create_topics`, creates `topic` the first time it is seen
     /// (an existing topic is fine). Without it, does nothing.
-    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), KafkaSetupError> {
+    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         let Some((admin, settings)) = &self.admin else {
             return Ok(());
         };
@@ -378,7 +352,7 @@ impl Producer {
             TopicReplication::Fixed(settings.replication),
         );
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let err = |error: String| KafkaSetupError::CreateTopic {
+        let err = |error: String| SinkSetupError::CreateTopic {
             topic: topic.to_string(),
             error,
         };
@@ -420,9 +394,15 @@ impl Producer {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::QueueFull)
             }
-            Err((error, _)) => Err(SendError::Rejected {
+            Err((error, _)) if is_permanent(&error) => Err(SendError::Refused {
+                sink: "Kafka",
                 topic: record.topic.clone(),
-                error,
+                reason: refusal_reason(&error),
+                error: format!("{error}{}", hint(&error)),
+            }),
+            Err((error, _)) => Err(SendError::Failed {
+                topic: record.topic.clone(),
+                error: format!("{error}{}", hint(&error)),
             }),
         }
     }

@@ -109,17 +109,18 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics::for_shard(crate::shard::Shard::SINGLE)
+        Metrics::labelled(crate::shard::Shard::SINGLE, "kafka")
     }
 
-    /// Every series carries `shard="<index>"` when the outbox is sharded
-    /// (one scrape target per shard instance); without sharding the series
-    /// are exactly those of [`Metrics::new`].
-    pub fn for_shard(shard: crate::shard::Shard) -> Metrics {
-        let labels = shard.is_sharded().then(|| {
-            std::collections::HashMap::from([("shard".to_string(), shard.index.to_string())])
-        });
-        let r = Registry::new_custom(None, labels).expect("valid shard label");
+    /// Every series carries `sink="<kind>"` (`kafka`, `stdout`, ...), and
+    /// `shard="<index>"` when the outbox is sharded (one scrape target per
+    /// shard instance).
+    pub fn labelled(shard: crate::shard::Shard, sink: &str) -> Metrics {
+        let mut labels = std::collections::HashMap::from([("sink".to_string(), sink.to_string())]);
+        if shard.is_sharded() {
+            labels.insert("shard".to_string(), shard.index.to_string());
+        }
+        let r = Registry::new_custom(None, Some(labels)).expect("valid const labels");
         let build = IntGaugeVec::new(
             Opts::new("outbox_relay_build_info", "Build information; always 1"),
             &["version"],
@@ -324,11 +325,11 @@ mod tests {
         m.delivery_latency.observe(0.004);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
-            text.contains("outbox_relay_events_acked_total{topic=\"t1\"} 3"),
+            text.contains("outbox_relay_events_acked_total{topic=\"t1\",sink=\"kafka\"} 3"),
             "{text}"
         );
         assert!(
-            text.contains("outbox_relay_replication_lag_bytes 600"),
+            text.contains("outbox_relay_replication_lag_bytes{sink=\"kafka\"} 600"),
             "{text}"
         );
         assert!(
@@ -336,7 +337,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("outbox_relay_delivery_latency_seconds_bucket{le=\"0.005\"} 1"),
+            text.contains(
+                "outbox_relay_delivery_latency_seconds_bucket{sink=\"kafka\",le=\"0.005\"} 1"
+            ),
             "{text}"
         );
         assert_eq!(Metrics::total(&m.events_acked), 4);

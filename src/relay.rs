@@ -12,7 +12,6 @@ use tokio::sync::{oneshot, watch};
 
 use crate::ack::Seq;
 use crate::config::Config;
-use crate::kafka::{DeliveryError, KafkaSetupError, SendError};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{MappingError, OutboxTable};
@@ -20,6 +19,7 @@ use crate::pgoutput::DecodeError;
 use crate::replication::ReplicationError;
 use crate::setup::{self, SetupError};
 use crate::sink::Sink;
+use crate::sink::{DeliveryError, SendError, SinkSetupError};
 
 mod checkpoint;
 mod plan;
@@ -45,15 +45,16 @@ pub enum RelayError {
     #[error("{0}; nothing past this row is confirmed")]
     Mapping(#[from] MappingError),
     #[error(transparent)]
-    Kafka(#[from] KafkaSetupError),
+    Sink(#[from] SinkSetupError),
     #[error("{0}; the slot stays at the last acknowledged position and the relay streams again from there")]
     Delivery(#[from] DeliveryError),
     #[error("{0}")]
     Send(SendError),
     #[error("insert into relation {0} arrived before its Relation message")]
     UnknownRelation(u32),
-    #[error("Kafka refused the record of event {id} (commit LSN {lsn}) for topic {topic:?} for good: {error}; nothing past it is confirmed; fix the row or the topic, or set outbox.on_invalid = \"dead_letter\"")]
+    #[error("{sink} refused the record of event {id} (commit LSN {lsn}) for topic {topic:?} for good: {error}; nothing past it is confirmed; fix the row or the topic, or set outbox.on_invalid = \"dead_letter\"")]
     Refused {
+        sink: &'static str,
         topic: String,
         id: String,
         lsn: String,
@@ -89,7 +90,7 @@ impl RelayError {
             RelayError::Replication(_) => "replication",
             RelayError::Decode { .. } => "decode",
             RelayError::Mapping(_) => "invalid_row",
-            RelayError::Kafka(_) => "kafka_setup",
+            RelayError::Sink(_) => "sink_setup",
             RelayError::Delivery(_) => "delivery",
             RelayError::Send(_) | RelayError::Refused { .. } => "produce",
             RelayError::UnknownRelation(_) => "protocol",
@@ -240,7 +241,7 @@ pub async fn run_with(
         metrics.reconnects.inc();
         failures = if session.streamed { 1 } else { failures + 1 };
         if let Some(why) = broken_producer {
-            tracing::warn!(reason = %why, "recreating the Kafka producer");
+            tracing::warn!(reason = %why, "recreating the sink's client");
             match Sink::new(&cfg, metrics.clone()) {
                 Ok((new_sink, new_reports)) => {
                     let old = std::mem::replace(&mut sink, new_sink);

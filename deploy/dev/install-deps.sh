@@ -4,6 +4,10 @@
 #   - build dependencies of librdkafka (C compiler, make, pkg-config, OpenSSL, zlib),
 #   - kcat (to look at topics by hand),
 #   - promtool (Debian package `prometheus`; tests/deploy.rs checks the alert rules with it),
+#   - the servers of the other sinks, Debian's redis-server, nats-server and
+#     rabbitmq-server: the tests start each as a child process on free ports in
+#     a temporary directory; the packages' own services are not started
+#     (a temporary policy-rc.d refuses it during the install),
 #   - cargo-deny (the dependency policy in deny.toml, about 2 minutes to build) and
 #   - the tansu Kafka-protocol broker (about 10 to 20 minutes), each built once
 #     with `cargo install` into a cache directory and reused,
@@ -94,6 +98,9 @@ if [ "$ONLY" != postgresql ]; then
   if [ "$ONLY" != local ]; then
     command -v kcat >/dev/null || missing+=(kcat)
     command -v promtool >/dev/null || missing+=(prometheus)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v nats-server >/dev/null || missing+=(nats-server)
+    command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
   fi
   dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
@@ -104,7 +111,18 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || sudo="sudo"
   log "installing ${missing[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  # Packages with a service (redis, rabbitmq, prometheus) must not start it:
+  # the tests run their own instances. Debian's invoke-rc.d asks policy-rc.d.
+  no_services=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    no_services=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$no_services" >/dev/null
+    $sudo chmod +x "$no_services"
+  fi
+  status=0
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 || status=$?
+  [ -z "$no_services" ] || $sudo rm -f "$no_services"
+  [ "$status" = 0 ] || exit "$status"
 fi
 
 if [ "$ONLY" != local ]; then

@@ -7,8 +7,8 @@
 //! decides which errors move on to the next host of a multi-host URL.
 
 use super::RelayError;
-use crate::kafka::KafkaSetupError;
 use crate::setup::SetupError;
+use crate::sink::{SendError, SinkSetupError};
 
 /// Exit code when the user must change the configuration or the database
 /// (credentials, privileges, TLS, a missing or lost slot, a too old server).
@@ -58,9 +58,11 @@ impl RelayError {
             RelayError::Replication(e) if e.is_permanent() => Stop { exit: EXIT_USER },
             RelayError::Replication(_) => Retry,
             RelayError::Setup(e) => e.disposition(),
-            RelayError::Kafka(KafkaSetupError::Config(_)) => Stop { exit: EXIT_USER },
-            RelayError::Kafka(KafkaSetupError::CreateTopic { .. }) => Retry,
-            RelayError::Delivery(_) => Retry,
+            RelayError::Sink(SinkSetupError::Config { .. }) => Stop { exit: EXIT_USER },
+            RelayError::Sink(
+                SinkSetupError::Connect { .. } | SinkSetupError::CreateTopic { .. },
+            ) => Retry,
+            RelayError::Delivery(_) | RelayError::Send(SendError::Unavailable { .. }) => Retry,
             RelayError::StartBehindSlot { .. } | RelayError::CheckpointAhead { .. } => {
                 Stop { exit: EXIT_USER }
             }
@@ -80,15 +82,13 @@ impl RelayError {
 
 #[cfg(test)]
 mod tests {
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-
     use super::Disposition::{Retry, Standby, Stop};
     use super::*;
-    use crate::kafka::{DeliveryError, SendError};
     use crate::lsn::Lsn;
     use crate::outbox::MappingError;
     use crate::pgoutput::DecodeError;
     use crate::replication::ReplicationError;
+    use crate::sink::DeliveryError;
     use crate::transport::ConnectError;
 
     fn server(code: &str, detail: Option<&str>) -> ReplicationError {
@@ -222,15 +222,24 @@ mod tests {
                 user,
             ),
             (
-                "kafka config",
-                RelayError::Kafka(KafkaSetupError::Config(KafkaError::ClientCreation(
-                    "x".into(),
-                ))),
+                "sink config",
+                RelayError::Sink(SinkSetupError::Config {
+                    sink: "Kafka",
+                    message: "x".into(),
+                }),
                 user,
             ),
             (
+                "sink unreachable at start",
+                RelayError::Sink(SinkSetupError::Connect {
+                    sink: "Redis",
+                    error: "refused".into(),
+                }),
+                Retry,
+            ),
+            (
                 "topic creation",
-                RelayError::Kafka(KafkaSetupError::CreateTopic {
+                RelayError::Sink(SinkSetupError::CreateTopic {
                     topic: "t".into(),
                     error: "e".into(),
                 }),
@@ -239,11 +248,28 @@ mod tests {
             (
                 "delivery timed out",
                 RelayError::Delivery(DeliveryError {
+                    sink: "Kafka",
                     topic: "t".into(),
-                    error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
-                    original: None,
+                    error: "Message production error: MessageTimedOut".into(),
+                    refused: None,
                 }),
                 Retry,
+            ),
+            (
+                "sink connection lost",
+                RelayError::Send(SendError::Unavailable {
+                    sink: "NATS",
+                    error: "closed".into(),
+                }),
+                Retry,
+            ),
+            (
+                "client refuses to enqueue",
+                RelayError::Send(SendError::Failed {
+                    topic: "t".into(),
+                    error: "e".into(),
+                }),
+                runtime,
             ),
             (
                 "decode",
@@ -272,6 +298,7 @@ mod tests {
             (
                 "refused record",
                 RelayError::Refused {
+                    sink: "Kafka",
                     topic: "t".into(),
                     id: "i".into(),
                     lsn: "0/1".into(),

@@ -17,13 +17,13 @@ use super::plan::{Plan, TxClass};
 use super::{wait_shutdown, Progress, RelayError, RunOptions, ShutdownRx, WindowKeeper};
 use crate::ack::{AckTracker, Seq};
 use crate::config::{Config, OnInvalid};
-use crate::kafka::DeliveryReport;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable, Record};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
+use crate::sink::DeliveryReport;
 use crate::sink::Sink;
 use crate::state::{Outcome, StateStore};
 

@@ -25,14 +25,107 @@ use tokio::sync::mpsc;
 
 use crate::ack::Seq;
 use crate::config::{Config, SinkKind};
-use crate::kafka::{DeliveryReport, KafkaSetupError, Producer, SendError};
+use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
 
 mod stdout;
+pub mod task;
 
 pub use stdout::{json_line, StdoutSink};
+
+/// The outcome of one record taken by [`Sink::send`].
+#[derive(Debug)]
+pub struct DeliveryReport {
+    pub seq: Seq,
+    pub result: Result<(), DeliveryError>,
+}
+
+/// A record the destination did not accept (after the client's own retries).
+#[derive(Debug, thiserror::Error)]
+#[error("{sink} did not accept the record for {topic:?}: {error}")]
+pub struct DeliveryError {
+    /// The destination's name for messages ("Kafka", "Redis", ...).
+    pub sink: &'static str,
+    /// The record's topic (stream, subject, routing key).
+    pub topic: String,
+    /// What the destination or its client said, with a hint where one helps.
+    pub error: String,
+    /// Set when the destination refused this record for good (retrying cannot
+    /// help), so `outbox.on_invalid` decides: stop, or the dead-letter topic.
+    pub refused: Option<Refusal>,
+}
+
+/// A record refused for good, as sent.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The dead-letter `reason` header: `rejected`, `too_large`, `unroutable`.
+    pub reason: &'static str,
+    pub original: Box<Record>,
+}
+
+/// Why [`Sink::send`] did not take a record.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The sink's queue is full: back off and offer the same record again.
+    #[error("the sink's queue is full")]
+    QueueFull,
+    /// This record is refused for good (too large, invalid destination):
+    /// `outbox.on_invalid` decides.
+    #[error("{sink} refuses the record for {topic:?}: {error}")]
+    Refused {
+        sink: &'static str,
+        topic: String,
+        /// The dead-letter `reason` header: `rejected`, `too_large`, `unroutable`.
+        reason: &'static str,
+        error: String,
+    },
+    /// The client cannot take records at all (closed connection): the session
+    /// ends and streams again from the slot with a new sink.
+    #[error("{sink} cannot take records: {error}")]
+    Unavailable { sink: &'static str, error: String },
+    /// The client rejected the record for a reason retrying does not fix and
+    /// that is not the record's (the relay stops and names it).
+    #[error("cannot enqueue the record for {topic:?}: {error}")]
+    Failed { topic: String, error: String },
+    /// The stdout sink could not write (closed pipe, full disk).
+    #[error("cannot write the record to stdout: {0}")]
+    Output(std::io::Error),
+}
+
+/// Why a sink could not be created or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkSetupError {
+    /// The configuration is wrong: the relay stops (exit 2).
+    #[error("invalid {sink} configuration: {message}")]
+    Config { sink: &'static str, message: String },
+    /// The destination cannot be reached or refused the connection for now: retried.
+    #[error("cannot connect to {sink}: {error}")]
+    Connect { sink: &'static str, error: String },
+    /// A topic (stream, exchange) could not be created: retried.
+    #[error("cannot create topic {topic:?}: {error}; create it by hand or check the relay's CREATE permission")]
+    CreateTopic { topic: String, error: String },
+}
+
+/// Seconds from a transaction's commit to now (`delivery_latency_seconds`).
+pub(crate) fn seconds_since(commit_time: Timestamp) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    now.saturating_sub(commit_time.unix_micros()).max(0) as f64 / 1e6
+}
+
+impl SinkKind {
+    /// The `sink` label of every metric series.
+    pub fn label(self) -> &'static str {
+        match self {
+            SinkKind::Kafka => "kafka",
+            SinkKind::Stdout => "stdout",
+        }
+    }
+}
 
 pub enum Sink {
     Kafka(Producer),
@@ -44,7 +137,7 @@ impl Sink {
     pub fn new(
         cfg: &Config,
         metrics: Arc<Metrics>,
-    ) -> Result<(Sink, mpsc::UnboundedReceiver<DeliveryReport>), KafkaSetupError> {
+    ) -> Result<(Sink, mpsc::UnboundedReceiver<DeliveryReport>), SinkSetupError> {
         match cfg.sink.kind {
             SinkKind::Kafka => {
                 let (p, rx) = Producer::new(&cfg.kafka, metrics)?;
@@ -57,7 +150,7 @@ impl Sink {
         }
     }
 
-    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), KafkaSetupError> {
+    pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
             Sink::Stdout(_) => Ok(()),

@@ -6,8 +6,9 @@ use std::io::Write;
 use tokio::sync::mpsc;
 
 use crate::ack::Seq;
-use crate::kafka::{DeliveryReport, SendError};
 use crate::outbox::Record;
+
+use super::{DeliveryReport, SendError};
 
 /// Writes each record as one JSON line: `topic`, `key`, `value`, `headers`
 /// (`[[name, value], ...]` in record order) and `lsn`. Bytes that are not UTF-8

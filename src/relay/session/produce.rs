@@ -6,10 +6,9 @@ use tokio::sync::mpsc;
 use super::{Session, Stream, BATCH};
 use crate::ack::Seq;
 use crate::config::OnInvalid;
-use crate::kafka::{is_permanent, DeliveryError, DeliveryReport, SendError};
 use crate::outbox::{dead_letter_from_record, DeadLetter, Record};
 use crate::relay::RelayError;
-use crate::sink::Sink;
+use crate::sink::{DeliveryError, DeliveryReport, Refusal, SendError, Sink};
 
 /// `events_received_total` and `events_produced_total` of one topic.
 pub(super) struct TopicCounters {
@@ -56,13 +55,13 @@ impl Session<'_> {
             // The broker refused the record for good: dead-letter it under the same
             // sequence number, so the position waits for the dead-letter record's ack.
             Err(DeliveryError {
-                original: Some(original),
+                refused: Some(Refusal { reason, original }),
                 error,
                 ..
             }) if self.dead_letter() && original.topic != self.dlq() => {
                 let why = DeadLetter {
-                    reason: "rejected",
-                    error: error.to_string(),
+                    reason,
+                    error,
                     original_topic: None,
                 };
                 self.send_dead_letter(
@@ -75,12 +74,13 @@ impl Session<'_> {
             // Refused for good under the stop policy (or the dead-letter record
             // itself refused): stop, naming the event.
             Err(DeliveryError {
-                original: Some(original),
+                refused: Some(Refusal { original, .. }),
+                sink,
                 error,
                 ..
             }) => {
                 s.refused += 1;
-                Err(refused(&original, error))
+                Err(refused(&original, sink, error))
             }
             Err(e) => Err(e.into()),
         }
@@ -159,23 +159,13 @@ impl Session<'_> {
                 s.pending.push_front((seq, record));
                 Ok(())
             }
-            Err(SendError::Rejected { error, .. })
-                if self.dead_letter() && is_permanent(&error) && record.topic != self.dlq() =>
+            Err(SendError::Refused { reason, error, .. })
+                if self.dead_letter() && record.topic != self.dlq() =>
             {
                 let why = DeadLetter {
-                    reason: "too_large",
-                    error: error.to_string(),
+                    reason,
+                    error,
                     original_topic: None,
-                };
-                let why = if error.rdkafka_error_code()
-                    == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
-                {
-                    why
-                } else {
-                    DeadLetter {
-                        reason: "rejected",
-                        ..why
-                    }
                 };
                 self.send_dead_letter(
                     s,
@@ -184,26 +174,27 @@ impl Session<'_> {
                     dead_letter_from_record(&record, self.dlq(), why),
                 )
             }
-            Err(SendError::Rejected { error, .. }) if is_permanent(&error) => {
+            Err(SendError::Refused { sink, error, .. }) => {
                 s.refused += 1;
-                Err(refused(&record, error))
+                Err(refused(&record, sink, error))
             }
             Err(e) => Err(RelayError::Send(e)),
         }
     }
 }
 
-/// The fatal error for a record Kafka refused for good, naming its event.
-fn refused(record: &Record, error: rdkafka::error::KafkaError) -> RelayError {
+/// The fatal error for a record the sink refused for good, naming its event.
+fn refused(record: &Record, sink: &'static str, error: String) -> RelayError {
     let header = |k: &str| {
         record
             .header(k)
             .map_or_else(|| "?".into(), |v| String::from_utf8_lossy(v).into_owned())
     };
     RelayError::Refused {
+        sink,
         topic: record.topic.clone(),
         id: header("id"),
         lsn: header("lsn"),
-        error: error.to_string(),
+        error,
     }
 }

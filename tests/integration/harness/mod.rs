@@ -88,13 +88,29 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// Value of one sample in Prometheus text format (`name{labels}` exactly as rendered).
+/// Value of one sample in Prometheus text format: `name{labels}` as rendered,
+/// without the labels every series of the process carries (`sink`, `shard`).
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .map(|v| v.trim().parse().unwrap())
+        let (name, value) = l.rsplit_once(' ')?;
+        (without_const_labels(name) == series).then(|| value.trim().parse().unwrap())
     })
+}
+
+fn without_const_labels(series: &str) -> String {
+    let Some((name, labels)) = series.split_once('{') else {
+        return series.to_string();
+    };
+    let kept: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty() && !l.starts_with("sink=\"") && !l.starts_with("shard=\""))
+        .collect();
+    if kept.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{}}}", kept.join(","))
+    }
 }
 
 /// Inserts `n` rows with seq `from..from+n` in one transaction; returns the WAL insert position after it.
