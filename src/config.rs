@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod outbox;
+mod poll;
 mod replay;
 mod shard;
 use crate::transport::PgTarget;
@@ -19,6 +20,7 @@ pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
 };
+pub use poll::{AfterSend, PollConfig, SourceConfig, SourceKind};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 
@@ -47,6 +49,10 @@ pub struct Config {
     pub sink: SinkConfig,
     #[serde(default)]
     pub shard: ShardConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub poll: PollConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -505,6 +511,7 @@ impl Config {
             ));
         }
         replay::validate(&self.checkpoint, &self.replay, &self.sink)?;
+        poll::validate(self)?;
         if self.relay.standby_retry_ms < 10 {
             return Err(invalid("relay.standby_retry_ms", "must be at least 10"));
         }

@@ -70,7 +70,7 @@ pub(super) struct Session<'a> {
 const BATCH: usize = 256;
 
 /// Why a session ended without an error.
-pub(super) enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Shutdown, or the replay it was started for is done.
     Stopped,
     /// A replay request waits: stream again from the slot to execute it.
