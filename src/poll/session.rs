@@ -110,7 +110,7 @@ pub(super) async fn run(
         records,
         fetched: VecDeque::new(),
         next_poll: now,
-        last_poll: now,
+        was_empty: false,
         idle,
     };
     let result = p.run(sink, reports, shutdown, &mut notes).await;
@@ -149,7 +149,8 @@ struct Poller<'a> {
     /// Rows read by the last poll and not handed to the sink yet, in order.
     fetched: VecDeque<PolledRow>,
     next_poll: Instant,
-    last_poll: Instant,
+    /// The last poll found no row to send.
+    was_empty: bool,
     /// The next wait after an empty poll.
     idle: Duration,
 }
@@ -217,10 +218,12 @@ impl Poller<'_> {
                     match note {
                         Some(()) => {
                             while notes.try_recv().is_ok() {}
-                            // Woken: poll now, but not more often than interval_ms.
-                            self.idle = self.interval();
-                            self.next_poll = self.next_poll.min((self.last_poll + self.interval()).max(Instant::now()));
-                            poll_timer.as_mut().reset(self.next_poll);
+                            // Idle: poll now. Busy, the next poll is due within
+                            // interval_ms anyway, which bounds the poll rate.
+                            if self.was_empty {
+                                self.next_poll = Instant::now();
+                                poll_timer.as_mut().reset(self.next_poll);
+                            }
                         }
                         None => notes_open = false,
                     }
@@ -244,7 +247,6 @@ impl Poller<'_> {
     async fn poll(&mut self, batch: usize) -> Result<(), RelayError> {
         let limit = batch + self.tracker.outstanding();
         let now = Instant::now();
-        self.last_poll = now;
         let rows = self.poll.run(self.client, limit).await?;
         let m = &self.metrics.poll;
         m.rows_read.inc_by(rows.len() as u64);
@@ -261,6 +263,7 @@ impl Poller<'_> {
             self.fetched.push_back(row);
         }
         let found = !self.fetched.is_empty();
+        self.was_empty = !found;
         m.queries
             .with_label_values(&[if found { "rows" } else { "empty" }])
             .inc();

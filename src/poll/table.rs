@@ -66,7 +66,9 @@ impl TableInfo {
                         has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'DELETE'),
                         has_table_privilege(c.oid, 'UPDATE'),
                         EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = $2),
-                        pg_get_serial_sequence($1, $3)
+                        CASE WHEN EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                                            AND a.attname = $3 AND NOT a.attisdropped)
+                             THEN pg_get_serial_sequence($1, $3) END
                  FROM pg_class c WHERE c.oid = to_regclass($1)",
                 &[&table.quoted(), &TRIGGER, &p.order_column],
             )
@@ -96,7 +98,7 @@ impl TableInfo {
             Some(seq) => {
                 let cache: i64 = client
                     .query_one(
-                        "SELECT seqcache FROM pg_sequence WHERE seqrelid = $1::regclass",
+                        "SELECT seqcache FROM pg_sequence WHERE seqrelid = $1::text::regclass",
                         &[&seq],
                     )
                     .await

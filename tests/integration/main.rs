@@ -23,6 +23,7 @@ mod matrix;
 mod metrics;
 mod mock_broker;
 mod partitioned;
+mod poll;
 mod replay;
 mod sharding;
 mod shutdown;

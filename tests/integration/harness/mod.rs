@@ -11,6 +11,8 @@
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
+//! - `poll`: configs for the polling mode, `init` in process
+//! - `scrape`: readings of a relay binary's `/metrics` over time (what a kill re-sends)
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -22,9 +24,11 @@ use outbox_relay::lsn::Lsn;
 mod case;
 mod cluster;
 mod kafka;
+mod poll;
 mod postgres;
 mod process;
 mod relay;
+mod scrape;
 mod servers;
 mod standby;
 mod tansu;
@@ -37,6 +41,8 @@ pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]
 pub use kafka::{consume_all, consume_distinct, consume_raw_values, consume_until, seqs, Consumed};
 #[allow(unused_imports)]
+pub use poll::{init_poll, parse_config};
+#[allow(unused_imports)]
 pub use postgres::{connect, npm_versions, PgInstall, PASSWORD};
 #[allow(unused_imports)]
 pub use process::free_addr;
@@ -45,6 +51,8 @@ pub use relay::{
     config_file, relay_cli, spawn_relay, spawn_relay_binary, start_relay, terminate, KillOnDrop,
     Output, RunningRelay,
 };
+#[allow(unused_imports)]
+pub use scrape::{read_metrics, Kill, Reading, ACKED_WINDOW};
 #[allow(unused_imports)]
 pub use servers::{create_role, servers, servers_on, Servers};
 #[allow(unused_imports)]
