@@ -148,15 +148,17 @@ async fn main() {
         eprintln!("bench_producer: {e}");
         std::process::exit(2);
     });
-    let kafka = KafkaConfig {
-        brokers: args.brokers.clone(),
-        properties: args
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
-            .collect(),
-        ..KafkaConfig::default()
-    };
+    let mut kafka = KafkaConfig::default();
+    kafka.brokers = args.brokers.clone();
+    kafka.properties = args
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
+        .collect();
+    kafka.validate().unwrap_or_else(|e| {
+        eprintln!("bench_producer: {e}");
+        std::process::exit(2);
+    });
     // The relay's defaults (linger.ms, queue bound, message timeout), then what
     // kafka::Producer::new adds.
     let mut cc = outbox_relay::kafka::client_config(&kafka);

@@ -157,7 +157,7 @@ pub async fn run_with(
     mut shutdown: ShutdownRx,
     opts: RunOptions,
 ) -> Result<(), RelayError> {
-    let pg = cfg.postgres_config().expect("validated");
+    let pg = cfg.pg().clone();
     let outbox = OutboxTable::from_config(&cfg);
     let confirms =
         cfg.sink.confirms() && opts.temporary_slot.is_none() && opts.replay_request.is_none();

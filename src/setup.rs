@@ -382,7 +382,7 @@ pub async fn prepare_publication(
     client: &Client,
     cfg: &Config,
 ) -> Result<(Server, Role, bool), SetupError> {
-    let table = cfg.table().expect("validated");
+    let table = cfg.table().clone();
     let server = Server::read(client).await?;
     server.check(cfg)?;
     check_wal_level(client).await?;
