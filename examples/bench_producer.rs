@@ -1,5 +1,5 @@
 //! The "write limit" of `bench/run.py`: a plain idempotent producer with the
-//! relay's producer settings (`outbox_relay::kafka::client_config`, plus
+//! relay's producer settings (`outbox_relay::sink::kafka::client_config`, plus
 //! `enable.idempotence=true` and `acks=all` like `kafka::Producer`) that sends
 //! COUNT records shaped like the relay's (key `agg-{i % KEYS}`, a payload of
 //! PAYLOAD_BYTES, headers `id`, `event_type`, `lsn`) as fast as librdkafka
@@ -161,7 +161,7 @@ async fn main() {
     });
     // The relay's defaults (linger.ms, queue bound, message timeout), then what
     // kafka::Producer::new adds.
-    let mut cc = outbox_relay::kafka::client_config(&kafka);
+    let mut cc = outbox_relay::sink::kafka::client_config(&kafka);
     create_topic(&cc, &args.topic, args.partitions)
         .await
         .unwrap_or_else(|e| {

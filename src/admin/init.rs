@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, TableName};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{self, q, OtherShardSlot, Role, SetupError};
 
 /// What `init` found on the server; everything [`plan`] needs.

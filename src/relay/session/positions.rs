@@ -13,8 +13,8 @@ use crate::lsn::Lsn;
 use crate::relay::plan::{JobProgress, Plan};
 use crate::relay::{Progress, RelayError, WindowKeeper};
 use crate::replication::StatusWriter;
-use crate::server::Server;
 use crate::setup;
+use crate::setup::server::Server;
 use crate::state::{Outcome, StateStore};
 use crate::transport::PgTarget;
 
