@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod outbox;
+mod redis;
 mod replay;
 mod shard;
 use crate::transport::PgTarget;
@@ -19,6 +20,7 @@ pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
 };
+pub use redis::{RedisConfig, RedisMode, TlsFiles, ENV_REDIS_URL};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub sink: SinkConfig,
     #[serde(default)]
     pub shard: ShardConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +409,7 @@ impl Config {
             cfg.kafka.brokers = b;
         }
         cfg.shard.resolve(&env)?;
+        cfg.redis.resolve(&env)?;
         cfg.validate()?;
         if cfg.shard.count > 1 && !cfg.outbox.messages_prefix.is_empty() {
             return Err(ConfigError::Conflict {
@@ -505,6 +510,8 @@ impl Config {
             ));
         }
         replay::validate(&self.checkpoint, &self.replay, &self.sink)?;
+        self.redis
+            .validate(self.sink.kind == SinkKind::Redis, &self.outbox)?;
         if self.relay.standby_retry_ms < 10 {
             return Err(invalid("relay.standby_retry_ms", "must be at least 10"));
         }

@@ -127,6 +127,7 @@ impl Session<'_> {
             (cfg.postgres.slot.clone(), Some(slot), plan, store)
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+        producer.ready().await?;
         if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
             producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
         }
@@ -223,6 +224,9 @@ impl Session<'_> {
                 // The timer comes before the reports so a steady stream of
                 // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
+                    if let Err(e) = producer.check() {
+                        break Err(RelayError::Send(e));
+                    }
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     let requests = takes_requests.then_some(&mut *requests);
