@@ -108,7 +108,7 @@ impl RedisSink {
             .wait_for(|c| !matches!(c, Conn::Connecting))
             .await
             .map(|c| c.clone());
-        match (state, self.inner.fatal_error()) {
+        match (state, self.fatal_error()) {
             (Ok(Conn::Failed { why, config: true }), _) => Err(SinkSetupError::Config {
                 sink: NAME,
                 message: why,
@@ -137,7 +137,13 @@ impl RedisSink {
         self.inner.send(seq, commit_time, record)
     }
 
+    /// Why the connection is unusable, when a new one may do better: not for
+    /// a configuration error (a new connection would fail the same way, and
+    /// the relay stops with the error `ready` returned).
     pub fn fatal_error(&self) -> Option<String> {
+        if matches!(*self.conn.borrow(), Conn::Failed { config: true, .. }) {
+            return None;
+        }
         self.inner.fatal_error()
     }
 
@@ -271,6 +277,11 @@ async fn connect(client: &Client, s: &Settings) -> Result<MultiplexedConnection,
     // INFO may be forbidden (ACL, renamed command): then nothing is checked.
     let info = match redis::cmd("INFO").query_async::<String>(&mut conn).await {
         Ok(info) => info,
+        Err(e) if e.code() == Some("NOAUTH") => return Err(Conn::Failed {
+            why: "the server requires a password (NOAUTH); put the user and password in redis.url"
+                .into(),
+            config: true,
+        }),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the Redis server's INFO");
             return Ok(conn);

@@ -613,6 +613,46 @@ async fn redis_unreachable_at_start_is_retried_and_readiness_says_why() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wrong_or_missing_password_stops_the_relay_and_the_right_one_delivers() {
+    let tc = TestCase::new("redis_auth").await;
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let port = server.port;
+    for (url, expected) in [
+        (
+            format!("redis://:wrong@127.0.0.1:{port}"),
+            "check the user and password in redis.url",
+        ),
+        (
+            format!("redis://127.0.0.1:{port}"),
+            "the server requires a password (NOAUTH)",
+        ),
+    ] {
+        let relay = spawn_relay(config(&config_text(&tc, &url, "")));
+        let err = relay.join().await.unwrap_err();
+        assert!(err.is_fatal(), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("invalid Redis configuration") && msg.contains(expected),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("wrong") && !msg.contains("s3cret"),
+            "the password leaks: {msg}"
+        );
+    }
+    let url = format!("redis://:s3cret@127.0.0.1:{port}");
+    let relay = start_relay(config(&config_text(&tc, &url, ""))).await;
+    let end = insert_rows(&tc.s.sql().await, &tc.table, "evt", 0, 10).await;
+    eventually(30, "delivered with the right password", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    relay.stop().await.unwrap();
+    let entries = read_stream(&url, &tc.topic("evt")).await;
+    assert_eq!(assert_all_once_in_order_per_key(&entries, 10), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_refuses_a_redis_sink_without_a_url_and_accepts_one_with_it() {
     let tc = TestCase::new("redis_checkconfig").await;
     let good = config_text(&tc, "redis://u:hunter2@127.0.0.1:6379/0", "");
