@@ -266,6 +266,8 @@ async fn connect(client: &Client, s: &Settings) -> Result<MultiplexedConnection,
                 "; check the user and password in redis.url"
             } else if e.is_timeout() {
                 "; no answer within redis.connect_timeout_ms"
+            } else if e.to_string().contains("certificate verify failed") {
+                "; the server's certificate is not signed by redis.tls_ca_file (or, without it, a system CA), or does not name the host in redis.url"
             } else {
                 ""
             };

@@ -653,6 +653,77 @@ async fn redis_wrong_or_missing_password_stops_the_relay_and_the_right_one_deliv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_delivers_with_the_servers_ca_and_refuses_another_ca() {
+    use crate::tls::{cert, key};
+    let tc = TestCase::new("redis_tls").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = key();
+    let ca = cert("outbox-relay test CA", &ca_key, None);
+    let server_key = key();
+    let server_cert = cert("localhost", &server_key, Some((&ca, &ca_key)));
+    let write = |name: &str, pem: Vec<u8>| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let ca_file = write("ca.pem", ca.to_pem().unwrap());
+    let other_ca = write(
+        "other-ca.pem",
+        cert("unrelated CA", &key(), None).to_pem().unwrap(),
+    );
+    let server = RedisServer::start_tls(
+        &write("server.crt", server_cert.to_pem().unwrap()),
+        &write("server.key", server_key.private_key_to_pem_pkcs8().unwrap()),
+    );
+    let url = format!("rediss://localhost:{}", server.port);
+
+    // A CA that did not sign the server's certificate: no connection, retried, readiness says why.
+    let relay = spawn_relay(config(&config_text(
+        &tc,
+        &url,
+        &format!("tls_ca_file = {other_ca:?}\n"),
+    )));
+    eventually(20, "readiness names the TLS failure", || async {
+        matches!(relay.metrics.health(), Health::Down(w) if w.contains("cannot connect to Redis") && w.contains("certificate"))
+    })
+    .await;
+    assert!(!relay.is_finished(), "retried");
+    assert!(!tc.slot_exists(true).await);
+    relay.stop().await.unwrap();
+
+    let relay = start_relay(config(&config_text(
+        &tc,
+        &url,
+        &format!("tls_ca_file = {ca_file:?}\n"),
+    )))
+    .await;
+    let end = insert_rows(&tc.s.sql().await, &tc.table, "evt", 0, 10).await;
+    eventually(30, "delivered over TLS", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    relay.stop().await.unwrap();
+
+    let mut conn = ::redis::Client::build_with_tls(
+        url.as_str(),
+        ::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&ca_file).unwrap()),
+        },
+    )
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    let n: usize = ::redis::cmd("XLEN")
+        .arg(tc.topic("evt"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_refuses_a_redis_sink_without_a_url_and_accepts_one_with_it() {
     let tc = TestCase::new("redis_checkconfig").await;
     let good = config_text(&tc, "redis://u:hunter2@127.0.0.1:6379/0", "");

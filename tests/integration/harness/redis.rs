@@ -93,9 +93,34 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (e.g. `--replicaof 127.0.0.1 <port>`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        RedisServer::start_on(free_port(), extra)
+    }
+
+    /// Speaking TLS only (`rediss://`), with the PEM certificate and key
+    /// given; clients are not asked for a certificate.
+    pub fn start_tls(cert: &Path, key: &Path) -> RedisServer {
+        let port = free_port();
+        let extra = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        RedisServer::start_on(port, extra)
+    }
+
+    fn start_on(port: u16, extra: Vec<String>) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
         let mut s = RedisServer {
             port,
             dir,
