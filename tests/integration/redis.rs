@@ -587,6 +587,36 @@ async fn redis_pubsub_subscribers_get_each_record_as_a_json_line_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_maxlen_trims_each_stream_approximately_keeping_the_newest() {
+    let tc = TestCase::new("redis_maxlen").await;
+    let url = shared_redis();
+    let relay = start_relay(config(&config_text(&tc, url, "maxlen = 10\n"))).await;
+    let db = tc.s.sql().await;
+    for i in (0..1000).step_by(100) {
+        insert_rows(&db, &tc.table, "evt", i, 100).await;
+    }
+    let end = wal_insert_lsn(&db).await;
+    eventually(30, "everything confirmed", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    relay.stop().await.unwrap();
+    let entries = read_stream(url, &tc.topic("evt")).await;
+    // `MAXLEN ~` removes whole internal nodes (100 entries by default) only.
+    assert!(
+        (10..1000).contains(&entries.len()),
+        "{} entries left of 1000 with maxlen 10",
+        entries.len()
+    );
+    let seqs = seqs_of(&entries);
+    assert_eq!(seqs.last(), Some(&999), "the newest entry stays");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "what is left is in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_at_start_is_retried_and_readiness_says_why() {
     let tc = TestCase::new("redis_unreachable").await;
     let port = free_addr().rsplit(':').next().unwrap().to_string();
