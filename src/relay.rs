@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::ack::Seq;
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
@@ -24,13 +23,14 @@ use crate::sink::{DeliveryError, SendError, SinkSetupError};
 mod checkpoint;
 mod plan;
 pub mod policy;
+pub(crate) mod records;
 mod session;
 mod window;
 
 use crate::transport::PgTarget;
 use checkpoint::checkpoint_task;
 pub use policy::Disposition;
-use session::{Session, SessionEnd};
+use session::{Carried, Session, SessionEnd};
 pub use window::WindowKeeper;
 
 /// Why the relay stopped.
@@ -157,7 +157,7 @@ pub async fn run_with(
     mut shutdown: ShutdownRx,
     opts: RunOptions,
 ) -> Result<(), RelayError> {
-    let pg = cfg.postgres_config().expect("validated");
+    let pg = cfg.pg().clone();
     let outbox = OutboxTable::from_config(&cfg);
     let confirms =
         cfg.sink.confirms() && opts.temporary_slot.is_none() && opts.replay_request.is_none();
@@ -185,11 +185,8 @@ pub async fn run_with(
     // in flight to finish (their reports carry an earlier session's sequence
     // numbers and are ignored) instead of aborting requests mid-flight.
     let (mut sink, mut reports) = Sink::new(&cfg, metrics.clone())?;
-    let mut next_seq: Seq = 0;
     let mut failures = 0u32;
-    let mut ever_streamed = false;
-    let mut acked = Lsn::ZERO;
-    let mut window = None;
+    let mut carried = Carried::default();
     let result = loop {
         let mut session = Session {
             cfg: &cfg,
@@ -197,20 +194,17 @@ pub async fn run_with(
             metrics: &metrics,
             opts: &opts,
             confirms,
-            first: !ever_streamed,
+            first: !carried.ever_streamed,
             streamed: false,
-            first_seq: next_seq,
-            acked,
-            window: &mut window,
+            carried: &mut carried,
             window_start: None,
             progress: &progress_tx,
         };
         let result = session
             .run(&pg, &mut sink, &mut reports, &mut shutdown, &mut pending_rx)
             .await;
-        next_seq = session.first_seq;
-        acked = session.acked;
-        ever_streamed |= session.streamed;
+        let streamed = session.streamed;
+        carried.ever_streamed |= streamed;
         let err = match result {
             Ok(SessionEnd::Restart) => continue,
             Ok(SessionEnd::Stopped) => {
@@ -239,7 +233,7 @@ pub async fn run_with(
             break Err(err);
         }
         metrics.reconnects.inc();
-        failures = if session.streamed { 1 } else { failures + 1 };
+        failures = if streamed { 1 } else { failures + 1 };
         if let Some(why) = broken_producer {
             tracing::warn!(reason = %why, "recreating the sink's client");
             match Sink::new(&cfg, metrics.clone()) {

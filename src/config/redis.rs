@@ -64,6 +64,9 @@ pub struct RedisConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// The TLS files' contents, read and checked once by `validate`.
+    #[serde(skip)]
+    tls: TlsFiles,
 }
 
 impl Default for RedisConfig {
@@ -82,6 +85,7 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -106,8 +110,13 @@ impl RedisConfig {
         Ok(())
     }
 
-    /// Checks the section; `used`: `sink.kind = "redis"` (only then is a URL required).
-    pub(super) fn validate(&self, used: bool, outbox: &OutboxConfig) -> Result<(), ConfigError> {
+    /// Checks the section and reads the TLS files; `used`: `sink.kind =
+    /// "redis"` (only then is a URL required).
+    pub(super) fn validate(
+        &mut self,
+        used: bool,
+        outbox: &OutboxConfig,
+    ) -> Result<(), ConfigError> {
         let url = match (&self.url, used) {
             (Some(url), _) => url,
             (None, true) => {
@@ -186,7 +195,7 @@ impl RedisConfig {
                         .into(),
             });
         }
-        self.tls_files()?;
+        self.tls = self.read_tls_files()?;
         let partition = outbox
             .additional_placement
             .iter()
@@ -200,9 +209,14 @@ impl RedisConfig {
         Ok(())
     }
 
-    /// The TLS files' contents, checked: (CA certificates, (client
-    /// certificate, key)); None where not configured.
-    pub fn tls_files(&self) -> Result<TlsFiles, ConfigError> {
+    /// The contents of the TLS files (read when the config was loaded).
+    pub fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
+
+    /// The TLS files' contents, checked: CA certificates, client certificate
+    /// and key; None where not configured.
+    fn read_tls_files(&self) -> Result<TlsFiles, ConfigError> {
         use openssl::pkey::PKey;
         use openssl::x509::X509;
         let ca = match &self.tls_ca_file {
@@ -245,11 +259,22 @@ impl RedisConfig {
     }
 }
 
-/// The contents of `redis.tls_*_file`.
-#[derive(Debug, Default)]
+/// The contents of `redis.tls_*_file`: CA certificates, and the client
+/// certificate with its key (PEM).
+#[derive(Clone, Default)]
 pub struct TlsFiles {
     pub ca: Option<Vec<u8>>,
     pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsFiles")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
 }
 
 /// Whether `url` is a valid Redis URL with TLS (`rediss://`). Errors never

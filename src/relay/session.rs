@@ -2,11 +2,12 @@
 //!
 //! Starts streaming, decodes each event and classifies each transaction (live,
 //! replayed, skipped), and confirms what the ack tracker allows, held back by the
-//! replay window. Outbox rows and logical messages become records in `events`;
-//! the record path (sink, delivery reports, dead letters) is in `produce`; the
-//! checkpoint, replay requests and published progress in `positions`.
+//! replay window. Outbox rows and logical messages become records in `events`
+//! and go down the record path (`relay::records`: sink, delivery reports, dead
+//! letters); the checkpoint, replay requests and published progress are in
+//! `positions`. What passes from one session to the next is [`Carried`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,23 +17,36 @@ use tokio::sync::{mpsc, watch};
 use super::plan::{Plan, TxClass};
 use super::{wait_shutdown, Progress, RelayError, RunOptions, ShutdownRx, WindowKeeper};
 use crate::ack::{AckTracker, Seq};
-use crate::config::{Config, OnInvalid};
+use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable, Record};
+use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
 use crate::sink::DeliveryReport;
 use crate::sink::Sink;
-use crate::state::{Outcome, StateStore};
+use crate::state::StateStore;
 
 mod events;
 mod positions;
-mod produce;
 
+use super::records::Records;
 use crate::transport::PgTarget;
-use produce::TopicCounters;
+
+/// What passes from one session to the next (owned by the run loop).
+#[derive(Default)]
+pub(super) struct Carried {
+    /// Sequence number of the next session's first record: records of earlier
+    /// sessions may still report back, and are told apart by it.
+    pub next_seq: Seq,
+    /// Highest position below which everything was acknowledged, in this process.
+    pub acked: Lsn,
+    /// A session of this process has streamed (before that, a missing slot may be created).
+    pub ever_streamed: bool,
+    /// `[replay] window`, kept across sessions.
+    pub window: Option<WindowKeeper>,
+}
 
 pub(super) struct Session<'a> {
     pub cfg: &'a Config,
@@ -45,20 +59,14 @@ pub(super) struct Session<'a> {
     pub first: bool,
     /// START_REPLICATION succeeded: the next failure starts the backoff afresh.
     pub streamed: bool,
-    /// Sequence number of this session's first record; on return, the next
-    /// session's (records of earlier sessions may still report back).
-    pub first_seq: Seq,
-    /// Highest position below which everything was acknowledged, in this process.
-    pub acked: Lsn,
-    /// `[replay] window`, kept across sessions.
-    pub window: &'a mut Option<WindowKeeper>,
+    /// What the previous session handed on; updated for the next one on return.
+    pub carried: &'a mut Carried,
     /// The window position last confirmed, and since when it was acknowledged.
     pub window_start: Option<(Lsn, SystemTime)>,
     pub progress: &'a watch::Sender<Progress>,
 }
 
-/// Most events (or delivery reports) handled per wake-up before the loop looks
-/// at its other inputs again.
+/// Most events handled per wake-up before the loop looks at its other inputs again.
 const BATCH: usize = 256;
 
 /// Why a session ended without an error.
@@ -69,31 +77,31 @@ pub(super) enum SessionEnd {
     Restart,
 }
 
-/// What the stream loop is doing with the transaction being received.
-struct Stream {
-    tracker: AckTracker,
-    relations: RelationCache,
-    mappings: HashMap<u32, Result<Mapping, MappingError>>,
+/// The transaction being received.
+struct Transaction {
     commit_lsn: Lsn,
     /// The `lsn` header of the transaction's records, made once per transaction.
     lsn_text: Bytes,
     commit_time: Timestamp,
-    /// Per-topic counters, looked up once per topic instead of once per record.
-    topic_counters: HashMap<String, TopicCounters>,
-    /// Records the producer's full queue did not take yet, in order; reading
-    /// stops until they are all enqueued.
-    pending: VecDeque<(Seq, Record)>,
-    plan: Plan,
-    /// What is done with the transaction being received.
+    /// What is done with it: relayed, replayed, or skipped.
     class: TxClass,
+}
+
+/// What the stream loop keeps while it streams.
+struct Stream {
+    tracker: AckTracker,
+    relations: RelationCache,
+    mappings: HashMap<u32, Result<Mapping, MappingError>>,
+    tx: Transaction,
+    /// Records on their way to the sink and back.
+    records: Records,
+    plan: Plan,
     /// A record was acknowledged since progress was last published.
     acked_since_publish: bool,
     /// The `replayed` header value of the running job.
     replay_header: Bytes,
     /// The relay's tables (None for a temporary slot or an unconfirming stdout sink).
     store: Option<StateStore>,
-    /// Records refused for good: never acknowledged, so draining does not wait for them.
-    refused: usize,
     /// The tracker's confirmable position when it was last passed on (status
     /// update, checkpoint progress): past it, [`Session::pass_on`] is due.
     passed_on: Lsn,
@@ -127,9 +135,10 @@ impl Session<'_> {
             (cfg.postgres.slot.clone(), Some(slot), plan, store)
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+        let records = Records::new(&cfg.outbox, self.metrics.clone(), self.carried.next_seq);
         producer.ready().await?;
-        if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
-            producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
+        if let Some(dlq) = records.dead_letter_topic() {
+            producer.ensure_topic(dlq).await?;
         }
         let start = match self.opts.start_lsn {
             Some(start) if self.first => start,
@@ -185,20 +194,20 @@ impl Session<'_> {
                 .map_or(String::new(), |p| p.job.id.to_string()),
         );
         let mut s = Stream {
-            tracker: AckTracker::starting_at(confirmed, self.first_seq),
+            tracker: AckTracker::starting_at(confirmed, self.carried.next_seq),
             relations: RelationCache::default(),
             mappings: HashMap::new(),
-            commit_lsn: Lsn::ZERO,
-            lsn_text: Bytes::new(),
-            commit_time: Timestamp(0),
-            topic_counters: HashMap::new(),
-            pending: VecDeque::new(),
+            tx: Transaction {
+                commit_lsn: Lsn::ZERO,
+                lsn_text: Bytes::new(),
+                commit_time: Timestamp(0),
+                class: TxClass::Live,
+            },
+            records,
             plan,
-            class: TxClass::Live,
             acked_since_publish: false,
             replay_header,
             store,
-            refused: 0,
             passed_on: confirmed,
         };
         let mut ticker =
@@ -243,10 +252,10 @@ impl Session<'_> {
                 }
                 // Acknowledgements before new input: memory stays bounded.
                 Some(report) = reports.recv() => self.on_reports(&mut s, producer, reports, report),
-                _ = async { tokio::time::sleep(Duration::from_millis(2)).await }, if !s.pending.is_empty() => {
-                    self.retry_pending(&mut s, producer)
+                _ = async { tokio::time::sleep(Duration::from_millis(2)).await }, if s.records.has_pending() => {
+                    s.records.retry_pending(producer)
                 }
-                event = reader.next(), if s.pending.is_empty() => match event {
+                event = reader.next(), if !s.records.has_pending() => match event {
                     Ok(Some(event)) => self.on_events(&mut s, producer, &mut writer, &mut reader, event).await,
                     Ok(None) => Err(ReplicationError::Closed { context: "streaming" }.into()),
                     Err(e) => Err(e.into()),
@@ -264,7 +273,7 @@ impl Session<'_> {
 
         // Broken connection: nothing more can be confirmed on it.
         if let Err(RelayError::Replication(_)) = &result {
-            self.first_seq = s.tracker.next_seq();
+            self.carried.next_seq = s.tracker.next_seq();
             self.publish(&mut s);
             return result;
         }
@@ -276,7 +285,7 @@ impl Session<'_> {
             Duration::from_millis(cfg.relay.shutdown_timeout_ms)
         };
         self.drain(&mut s, producer, reports, drain).await;
-        self.first_seq = s.tracker.next_seq();
+        self.carried.next_seq = s.tracker.next_seq();
         let _ = self.send_status(&mut writer, &s, true).await;
         self.publish(&mut s);
         self.abandon_job(&s, &result).await;
@@ -288,64 +297,6 @@ impl Session<'_> {
         result
     }
 
-    /// Status update, window, checkpoint progress and the running replay.
-    async fn on_tick(
-        &mut self,
-        s: &mut Stream,
-        writer: &mut StatusWriter,
-        requests: Option<&mut watch::Receiver<bool>>,
-    ) -> Result<Option<SessionEnd>, RelayError> {
-        if let Some(w) = self.window.as_mut() {
-            w.observe(SystemTime::now(), s.tracker.confirmed());
-        }
-        self.pass_on(s, writer, true).await?;
-        if s.plan.job_done(s.tracker.confirmed()) {
-            let p = s.plan.job.take().expect("job_done checked it");
-            tracing::info!(
-                request = p.job.id,
-                transactions = p.transactions,
-                events = p.events,
-                "replay done"
-            );
-            let outcome = Outcome::Done {
-                transactions: p.transactions,
-                events: p.events,
-            };
-            if let Some(store) = &s.store {
-                store.finish(p.job.id, &outcome).await?;
-            }
-            if self.opts.replay_request.is_some() {
-                return Ok(Some(SessionEnd::Stopped));
-            }
-        }
-        if let (Some(requests), None) = (requests, &s.plan.job) {
-            if requests.has_changed().unwrap_or(false) && *requests.borrow_and_update() {
-                tracing::info!("a replay request is waiting; finishing deliveries and streaming again from the slot");
-                return Ok(Some(SessionEnd::Restart));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Passes the acknowledged position on: confirms it to the slot (unless
-    /// the replay window holds the slot back) and hands it to the checkpoint
-    /// writer. Called on every tick (`always`: the status update goes out as
-    /// the keepalive) and, between ticks, whenever the position advanced, so
-    /// that a crash re-sends only what was in flight and what was
-    /// acknowledged in the last `postgres.confirm_interval_ms`.
-    async fn pass_on(
-        &mut self,
-        s: &mut Stream,
-        writer: &mut StatusWriter,
-        always: bool,
-    ) -> Result<(), RelayError> {
-        s.passed_on = s.tracker.confirmed();
-        self.metrics.acked_lsn.set(s.passed_on.0 as f64);
-        self.send_status(writer, s, always).await?;
-        self.publish(s);
-        Ok(())
-    }
-
     async fn drain(
         &self,
         s: &mut Stream,
@@ -355,13 +306,13 @@ impl Session<'_> {
     ) {
         let deadline = tokio::time::Instant::now() + limit;
         let started = Instant::now();
-        while s.tracker.in_flight() > s.refused + s.pending.len() {
+        while s.tracker.in_flight() > s.records.unacknowledgeable() {
             match tokio::time::timeout_at(deadline, reports.recv()).await {
-                Ok(Some(report)) => {
-                    if let Err(e) = self.on_report(s, producer, report) {
-                        tracing::warn!(error = %e, "delivery failed while draining");
-                    }
-                }
+                Ok(Some(report)) => match s.records.on_report(producer, report) {
+                    Ok(Some(seq)) => self.acked(s, seq),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "delivery failed while draining"),
+                },
                 _ => break,
             }
         }
@@ -380,7 +331,7 @@ impl Session<'_> {
     ) -> Result<(), RelayError> {
         self.on_event(s, producer, writer, first).await?;
         for _ in 1..BATCH {
-            if !s.pending.is_empty() {
+            if s.records.has_pending() {
                 break;
             }
             match reader.next_buffered() {
@@ -394,49 +345,6 @@ impl Session<'_> {
                 }
                 Some(Err(e)) => return Err(e.into()),
             }
-        }
-        Ok(())
-    }
-
-    /// Sends the position the slot may move to; with `always` false only
-    /// when it is past the last one sent (the timer's update doubles as the
-    /// keepalive, so it goes out regardless).
-    async fn send_status(
-        &mut self,
-        writer: &mut StatusWriter,
-        s: &Stream,
-        always: bool,
-    ) -> Result<(), RelayError> {
-        let acked = s.tracker.confirmed();
-        let target = if !self.confirms {
-            Lsn::ZERO // PostgreSQL ignores a zero position: the slot stays
-        } else if let Some(w) = self.window.as_mut() {
-            let now = SystemTime::now();
-            if let Some((lsn, since)) = w.target(now) {
-                let lsn = lsn.min(acked);
-                self.window_start = Some((lsn, since));
-            }
-            let start = self
-                .window_start
-                .map_or(writer.last_sent(), |(l, _)| l.max(writer.last_sent()));
-            let age = self
-                .window_start
-                .and_then(|(_, t)| now.duration_since(t).ok())
-                .unwrap_or_default();
-            self.metrics.set_replay_window(start, acked, age);
-            self.window_start.map_or(Lsn::ZERO, |(l, _)| l)
-        } else {
-            acked
-        };
-        let before = writer.last_sent();
-        if !always && target <= before {
-            return Ok(());
-        }
-        writer.send_status(target, false).await?;
-        let sent = writer.last_sent();
-        if sent > before {
-            self.metrics.set_confirmed(sent);
-            tracing::debug!(lsn = %sent, "confirmed");
         }
         Ok(())
     }
@@ -471,11 +379,13 @@ impl Session<'_> {
             pgoutput::decode(data).map_err(|source| RelayError::Decode { lsn: start, source })?;
         match msg {
             Message::Begin(b) => {
-                s.commit_lsn = b.final_lsn;
-                s.lsn_text = lsn_header(b.final_lsn);
-                s.commit_time = b.commit_time;
-                s.class = s.plan.classify(b.final_lsn);
-                if let (TxClass::Replay, Some(p)) = (s.class, s.plan.job.as_mut()) {
+                s.tx = Transaction {
+                    commit_lsn: b.final_lsn,
+                    lsn_text: lsn_header(b.final_lsn),
+                    commit_time: b.commit_time,
+                    class: s.plan.classify(b.final_lsn),
+                };
+                if let (TxClass::Replay, Some(p)) = (s.tx.class, s.plan.job.as_mut()) {
                     p.begin();
                 }
                 s.tracker.begin();
@@ -484,7 +394,7 @@ impl Session<'_> {
                 let confirmed = s.tracker.commit(c.end_lsn);
                 self.metrics.transactions_received.inc();
                 self.metrics.transactions_confirmed.inc_by(confirmed as u64);
-                match (s.class, s.plan.job.as_mut()) {
+                match (s.tx.class, s.plan.job.as_mut()) {
                     (TxClass::Skip, _) => self.metrics.transactions_skipped.inc(),
                     (TxClass::Replay, Some(p)) => p.commit(),
                     _ => {}
@@ -508,6 +418,35 @@ impl Session<'_> {
             Message::Origin { .. } | Message::Type { .. } => {}
         }
         Ok(())
+    }
+
+    /// `first` and the reports already waiting behind it, into the tracker.
+    fn on_reports(
+        &self,
+        s: &mut Stream,
+        producer: &Sink,
+        reports: &mut mpsc::UnboundedReceiver<DeliveryReport>,
+        first: DeliveryReport,
+    ) -> Result<(), RelayError> {
+        let Stream {
+            records,
+            tracker,
+            acked_since_publish,
+            ..
+        } = s;
+        let metrics = self.metrics;
+        records.on_reports(producer, reports, first, |seq| {
+            let confirmed = tracker.ack(seq);
+            metrics.transactions_confirmed.inc_by(confirmed as u64);
+            *acked_since_publish = true;
+        })
+    }
+
+    /// A record the sink acknowledged.
+    fn acked(&self, s: &mut Stream, seq: Seq) {
+        let confirmed = s.tracker.ack(seq);
+        self.metrics.transactions_confirmed.inc_by(confirmed as u64);
+        s.acked_since_publish = true;
     }
 
     fn ignore(&self, kind: &'static str, relation_id: u32, s: &Stream) -> Result<(), RelayError> {

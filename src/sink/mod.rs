@@ -25,11 +25,12 @@ use tokio::sync::mpsc;
 
 use crate::ack::Seq;
 use crate::config::{Config, SinkKind};
-use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
+use kafka::Producer;
 
+pub mod kafka;
 pub mod redis;
 mod stdout;
 pub mod task;

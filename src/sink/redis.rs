@@ -165,7 +165,7 @@ fn client(cfg: &RedisConfig) -> Result<Client, SinkSetupError> {
         .url
         .as_deref()
         .ok_or_else(|| config_error("redis.url is missing".into()))?;
-    let tls = cfg.tls_files().map_err(|e| config_error(e.to_string()))?;
+    let tls = cfg.tls().clone();
     let client = if tls.ca.is_some() || tls.client.is_some() {
         Client::build_with_tls(
             url,

@@ -25,7 +25,7 @@ impl Session<'_> {
             }
             return self.ignore("insert_other_table", relation_id, s);
         };
-        if s.class == TxClass::Skip {
+        if s.tx.class == TxClass::Skip {
             self.metrics.events_skipped.inc();
             return Ok(());
         }
@@ -34,18 +34,20 @@ impl Session<'_> {
             .get(relation_id)
             .ok_or(RelayError::UnknownRelation(relation_id))?;
         let mapped = match mapping {
-            Ok(m) => m.record_at(&new, s.commit_lsn, &s.lsn_text, rel),
+            Ok(m) => m.record_at(&new, s.tx.commit_lsn, &s.tx.lsn_text, rel),
             Err(e) => Err(e.clone()),
         };
         match mapped {
             Ok(record) => self.produce(s, producer, record).await,
-            Err(e) if self.dead_letter() => {
-                let record = self
-                    .outbox
-                    .dead_letter(&new, rel, s.commit_lsn, self.dlq(), why(&e));
-                self.produce_dead_letter(s, producer, record)
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => match s.records.dead_letter_topic() {
+                Some(dlq) => {
+                    let record = self
+                        .outbox
+                        .dead_letter(&new, rel, s.tx.commit_lsn, dlq, why(&e));
+                    self.produce_dead_letter(s, producer, record)
+                }
+                None => Err(e.into()),
+            },
         }
     }
 
@@ -61,19 +63,24 @@ impl Session<'_> {
         if !m.transactional || self.outbox.messages_prefix() != Some(m.prefix.as_str()) {
             return self.ignore("message", 0, s);
         }
-        if s.class == TxClass::Skip {
+        if s.tx.class == TxClass::Skip {
             self.metrics.events_skipped.inc();
             return Ok(());
         }
-        match self.outbox.message_record(&m, s.commit_lsn, &s.lsn_text) {
+        match self
+            .outbox
+            .message_record(&m, s.tx.commit_lsn, &s.tx.lsn_text)
+        {
             Ok(record) => self.produce(s, producer, record).await,
-            Err(e) if self.dead_letter() => {
-                let record = self
-                    .outbox
-                    .message_dead_letter(&m, s.commit_lsn, self.dlq(), why(&e));
-                self.produce_dead_letter(s, producer, record)
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => match s.records.dead_letter_topic() {
+                Some(dlq) => {
+                    let record = self
+                        .outbox
+                        .message_dead_letter(&m, s.tx.commit_lsn, dlq, why(&e));
+                    self.produce_dead_letter(s, producer, record)
+                }
+                None => Err(e.into()),
+            },
         }
     }
 
@@ -83,12 +90,10 @@ impl Session<'_> {
         producer: &Sink,
         record: Record,
     ) -> Result<(), RelayError> {
-        self.metrics
-            .events_received
-            .with_label_values(&[self.dlq()])
-            .inc();
+        s.records.received(&record.topic);
         let seq = s.tracker.record();
-        self.send_dead_letter(s, producer, seq, record)
+        s.records
+            .send_dead_letter(producer, seq, s.tx.commit_time, record)
     }
 
     /// A mapped record: filtered and marked for a running replay, then enqueued.
@@ -98,7 +103,7 @@ impl Session<'_> {
         producer: &mut Sink,
         mut record: Record,
     ) -> Result<(), RelayError> {
-        if let (TxClass::Replay, Some(p)) = (s.class, s.plan.job.as_mut()) {
+        if let (TxClass::Replay, Some(p)) = (s.tx.class, s.plan.job.as_mut()) {
             if p.job
                 .only_topic
                 .as_ref()
@@ -115,10 +120,10 @@ impl Session<'_> {
             p.events += 1;
             self.metrics.events_replayed.inc();
         }
-        self.counters(s, &record.topic).received.inc();
+        s.records.received(&record.topic);
         producer.ensure_topic(&record.topic).await?;
         let seq = s.tracker.record();
-        self.enqueue(s, producer, seq, record)
+        s.records.send(producer, seq, s.tx.commit_time, record)
     }
 }
 

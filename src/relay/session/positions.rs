@@ -1,13 +1,20 @@
 //! Where a session starts and what it hands on: the checkpoint and the replay
-//! window it reads, the replay request it claims (and gives up), and the
-//! acknowledged position it publishes for the checkpoint writer.
+//! window it reads, the replay request it claims (and gives up), the position
+//! it confirms to the slot (held back by the window) on every tick and as
+//! acknowledgements arrive, and the acknowledged position it publishes for the
+//! checkpoint writer.
+
+use std::time::SystemTime;
+
+use tokio::sync::watch;
 
 use super::{Session, SessionEnd, Stream};
 use crate::lsn::Lsn;
 use crate::relay::plan::{JobProgress, Plan};
 use crate::relay::{Progress, RelayError, WindowKeeper};
-use crate::server::Server;
+use crate::replication::StatusWriter;
 use crate::setup;
+use crate::setup::server::Server;
 use crate::state::{Outcome, StateStore};
 use crate::transport::PgTarget;
 
@@ -79,7 +86,7 @@ impl Session<'_> {
             self.metrics.checkpoint_lsn.set(cp.acked.0 as f64);
         }
         let stored = checkpoint.as_ref().map_or(Lsn::ZERO, |c| c.acked);
-        plan.acknowledged = stored.max(self.acked);
+        plan.acknowledged = stored.max(self.carried.acked);
         plan.skip_through = match self.opts.start_lsn {
             // --start-lsn: everything after it, acknowledged before or not.
             Some(start) if self.first => {
@@ -97,17 +104,17 @@ impl Session<'_> {
             }
             // After a reconnect, only what this process acknowledged since: the
             // re-send asked for goes on where it was.
-            Some(start) => self.acked.max(start),
-            None => stored.max(self.acked),
+            Some(start) => self.carried.acked.max(start),
+            None => stored.max(self.carried.acked),
         };
-        if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {
+        if let (true, Some(w)) = (self.first && self.confirms, cfg.window()) {
             let mut seed = Vec::new();
             if let Some(cp) = &checkpoint {
                 seed.extend(cp.window_samples.iter().copied());
                 seed.push((cp.acked_at, cp.acked));
                 seed.extend(cp.window_start.map(|(l, t)| (t, l)));
             }
-            *self.window = Some(WindowKeeper::new(w, &seed));
+            self.carried.window = Some(WindowKeeper::new(w, &seed));
         }
         Ok((plan, Some(store)))
     }
@@ -186,12 +193,12 @@ impl Session<'_> {
             return;
         }
         if s.acked_since_publish {
-            self.acked = self.acked.max(s.tracker.confirmed());
+            self.carried.acked = self.carried.acked.max(s.tracker.confirmed());
             s.acked_since_publish = false;
         }
-        let acked = self.acked;
+        let acked = self.carried.acked;
         let window_start = self.window_start;
-        let window = self.window.as_ref();
+        let window = self.carried.window.as_ref();
         // Without the relay's tables (a read-only standby) nothing is written.
         let ready = s.store.is_some();
         self.progress.send_if_modified(|p| {
@@ -208,5 +215,106 @@ impl Session<'_> {
             };
             true
         });
+    }
+
+    /// Status update, window, checkpoint progress and the running replay.
+    pub(super) async fn on_tick(
+        &mut self,
+        s: &mut Stream,
+        writer: &mut StatusWriter,
+        requests: Option<&mut watch::Receiver<bool>>,
+    ) -> Result<Option<SessionEnd>, RelayError> {
+        if let Some(w) = self.carried.window.as_mut() {
+            w.observe(SystemTime::now(), s.tracker.confirmed());
+        }
+        self.pass_on(s, writer, true).await?;
+        if s.plan.job_done(s.tracker.confirmed()) {
+            let p = s.plan.job.take().expect("job_done checked it");
+            tracing::info!(
+                request = p.job.id,
+                transactions = p.transactions,
+                events = p.events,
+                "replay done"
+            );
+            let outcome = Outcome::Done {
+                transactions: p.transactions,
+                events: p.events,
+            };
+            if let Some(store) = &s.store {
+                store.finish(p.job.id, &outcome).await?;
+            }
+            if self.opts.replay_request.is_some() {
+                return Ok(Some(SessionEnd::Stopped));
+            }
+        }
+        if let (Some(requests), None) = (requests, &s.plan.job) {
+            if requests.has_changed().unwrap_or(false) && *requests.borrow_and_update() {
+                tracing::info!("a replay request is waiting; finishing deliveries and streaming again from the slot");
+                return Ok(Some(SessionEnd::Restart));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Passes the acknowledged position on: confirms it to the slot (unless
+    /// the replay window holds the slot back) and hands it to the checkpoint
+    /// writer. Called on every tick (`always`: the status update goes out as
+    /// the keepalive) and, between ticks, whenever the position advanced, so
+    /// that a crash re-sends only what was in flight and what was
+    /// acknowledged in the last `postgres.confirm_interval_ms`.
+    pub(super) async fn pass_on(
+        &mut self,
+        s: &mut Stream,
+        writer: &mut StatusWriter,
+        always: bool,
+    ) -> Result<(), RelayError> {
+        s.passed_on = s.tracker.confirmed();
+        self.metrics.acked_lsn.set(s.passed_on.0 as f64);
+        self.send_status(writer, s, always).await?;
+        self.publish(s);
+        Ok(())
+    }
+
+    /// Sends the position the slot may move to; with `always` false only
+    /// when it is past the last one sent (the timer's update doubles as the
+    /// keepalive, so it goes out regardless).
+    pub(super) async fn send_status(
+        &mut self,
+        writer: &mut StatusWriter,
+        s: &Stream,
+        always: bool,
+    ) -> Result<(), RelayError> {
+        let acked = s.tracker.confirmed();
+        let target = if !self.confirms {
+            Lsn::ZERO // PostgreSQL ignores a zero position: the slot stays
+        } else if let Some(w) = self.carried.window.as_mut() {
+            let now = SystemTime::now();
+            if let Some((lsn, since)) = w.target(now) {
+                let lsn = lsn.min(acked);
+                self.window_start = Some((lsn, since));
+            }
+            let start = self
+                .window_start
+                .map_or(writer.last_sent(), |(l, _)| l.max(writer.last_sent()));
+            let age = self
+                .window_start
+                .and_then(|(_, t)| now.duration_since(t).ok())
+                .unwrap_or_default();
+            self.metrics.set_replay_window(start, acked, age);
+            self.window_start.map_or(Lsn::ZERO, |(l, _)| l)
+        } else {
+            acked
+        };
+        let before = writer.last_sent();
+        if !always && target <= before {
+            return Ok(());
+        }
+        writer.send_status(target, false).await?;
+        let sent = writer.last_sent();
+        if sent > before {
+            self.metrics.set_confirmed(sent);
+            tracing::debug!(lsn = %sent, "confirmed");
+        }
+        Ok(())
     }
 }
