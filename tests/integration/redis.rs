@@ -467,6 +467,18 @@ async fn redis_refused_record_under_stop_ends_the_relay_naming_the_event() {
         c >= before && c < end,
         "the slot stays before the refused row: {c} vs {end}"
     );
+
+    // The binary streams the row again from the slot and exits 1 naming it.
+    let f = config_file(&config_text(&tc, shared_redis(), ""));
+    let out = relay_cli(&["run"], f.path()).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("event 00000000-0000-4000-8000-0000000000b1")
+            && out.stderr.contains("WRONGTYPE"),
+        "{out}"
+    );
+    assert!(tc.confirmed().await < end, "still not past the refused row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
