@@ -20,6 +20,7 @@ mod kafka;
 mod names;
 mod outbox;
 mod postgres;
+mod redis;
 mod relay;
 mod replay;
 mod shard;
@@ -34,6 +35,7 @@ pub use outbox::{
     Preset, RelayHeader, ValueFormat,
 };
 pub use postgres::{FailoverSlot, PostgresConfig, ENV_POSTGRES_URL};
+pub use redis::{RedisConfig, RedisMode, TlsFiles, ENV_REDIS_URL};
 pub use relay::{MetricsConfig, RelayConfig};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
@@ -60,6 +62,8 @@ struct Raw {
     sink: SinkConfig,
     #[serde(default)]
     shard: ShardConfig,
+    #[serde(default)]
+    redis: RedisConfig,
 }
 
 /// A validated configuration: the sections as written (with defaults and
@@ -75,6 +79,7 @@ pub struct Config {
     pub replay: ReplayConfig,
     pub sink: SinkConfig,
     pub shard: ShardConfig,
+    pub redis: RedisConfig,
     table: TableName,
     topic: Vec<TemplatePart>,
     pg: PgTarget,
@@ -134,6 +139,7 @@ impl Config {
         raw.postgres.apply_env(&env)?;
         raw.kafka.apply_env(&env);
         raw.shard.resolve(&env)?;
+        raw.redis.resolve(&env)?;
         let pg = raw.postgres.target()?;
         raw.postgres.validate()?;
         let table = TableName::parse("outbox.table", &raw.outbox.table)?;
@@ -146,6 +152,8 @@ impl Config {
         raw.kafka.validate()?;
         raw.relay.validate()?;
         let window = replay::validate(&raw.checkpoint, &raw.replay, &raw.sink)?;
+        raw.redis
+            .validate(raw.sink.kind == SinkKind::Redis, &raw.outbox)?;
         raw.metrics.validate()?;
         if raw.shard.count > 1 && !raw.outbox.messages_prefix.is_empty() {
             return Err(ConfigError::Conflict {
@@ -169,6 +177,7 @@ impl Config {
             replay: raw.replay,
             sink: raw.sink,
             shard: raw.shard,
+            redis: raw.redis,
             table,
             topic,
             pg,

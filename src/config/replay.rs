@@ -102,12 +102,14 @@ pub enum SinkKind {
     Kafka,
     /// Write one JSON line per record to stdout.
     Stdout,
+    /// Redis Streams (`XADD`) or pub/sub (`PUBLISH`): `[redis]`.
+    Redis,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default) or `stdout`.
+    /// `kafka` (default), `stdout` or `redis`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -123,6 +125,7 @@ impl SinkConfig {
         match self.kind {
             SinkKind::Kafka => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
+            SinkKind::Redis => true,
         }
     }
 }
@@ -154,10 +157,10 @@ pub(super) fn validate(
         .map(parse_window)
         .transpose()
         .map_err(|m| invalid("replay.window", m))?;
-    if sink.kind == SinkKind::Kafka && sink.confirm == Some(false) {
+    if sink.kind != SinkKind::Stdout && sink.confirm == Some(false) {
         return Err(invalid(
             "sink.confirm",
-            "applies only to kind = \"stdout\"; the Kafka sink always confirms what the broker acknowledged",
+            "applies only to kind = \"stdout\"; the other sinks always confirm what the destination acknowledged",
         ));
     }
     Ok(window)

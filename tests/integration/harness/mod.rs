@@ -11,6 +11,7 @@
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
+//! - `redis`: the Redis server (shared, or of a test's own) and reading streams back
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -24,6 +25,7 @@ mod cluster;
 mod kafka;
 mod postgres;
 mod process;
+pub mod redis;
 mod relay;
 mod servers;
 mod standby;
