@@ -38,19 +38,25 @@ import threading
 import time
 from pathlib import Path
 
-import run as bench
+from outbox_bench.context import Bench
+from outbox_bench.cpu import proc_cpu_seconds
+from outbox_bench.database import SlotWatch, create_outbox, lsn_int
+from outbox_bench.metrics import prom_samples, prom_sum
+from outbox_bench.processes import BenchError, free_port, http_get, log, spawn, stop_process
+from outbox_bench.relay import start_relay as start_relay_process
+from outbox_bench.servers import pg_bin
 
 
-def relay_config_text(ctx, *, slot: str, publication: str, table: str, metrics: str) -> str:
+def relay_config_text(ctx: Bench, *, slot: str, publication: str, table: str, metrics: str) -> str:
     """The relay's defaults (1 s status timer, checkpoint) plus --relay-setting lines."""
     sections: dict[str, list[str]] = {
-        "postgres": [f'url = "{ctx.url}"', f'slot = "{slot}"', f'publication = "{publication}"'],
+        "postgres": [f'url = "{ctx.servers.url}"', f'slot = "{slot}"', f'publication = "{publication}"'],
         "outbox": [f'table = "public.{table}"', 'topic = "outbox.event.{aggregate_type}"'],
-        "kafka": [f'brokers = "{ctx.brokers}"', "create_topics = true",
-                  f"topic_partitions = {ctx.args.partitions}"],
+        "kafka": [f'brokers = "{ctx.servers.brokers}"', "create_topics = true",
+                  f"topic_partitions = {ctx.settings.partitions}"],
         "metrics": [f'listen = "{metrics}"'],
     }
-    for kv in ctx.args.relay_setting:
+    for kv in ctx.settings.relay_setting:
         key, _, value = kv.partition("=")
         section, _, name = key.partition(".")
         sections.setdefault(section, []).append(f"{name} = {value}")
@@ -60,16 +66,16 @@ def relay_config_text(ctx, *, slot: str, publication: str, table: str, metrics: 
 
 def scrape(url: str) -> dict | None:
     try:
-        code, body = bench.http_get(url + "/metrics", timeout=1)
+        code, body = http_get(url + "/metrics", timeout=1)
     except OSError:
         return None
     if code != 200:
         return None
-    s = bench.prom_samples(body)
+    s = prom_samples(body)
     return {
         "t": time.monotonic(),
-        "acked": bench.prom_sum(s, "outbox_relay_events_acked_total"),
-        "produced": bench.prom_sum(s, "outbox_relay_events_produced_total"),
+        "acked": prom_sum(s, "outbox_relay_events_acked_total"),
+        "produced": prom_sum(s, "outbox_relay_events_produced_total"),
         "in_flight": s.get("outbox_relay_records_in_flight"),
         "acked_lsn": s.get("outbox_relay_acked_lsn"),
         "confirmed_lsn": s.get("outbox_relay_confirmed_lsn"),
@@ -106,11 +112,11 @@ def before(history: list[dict], last: dict, seconds: float, key: str) -> float:
     return 0.0
 
 
-def read_back(ctx, topic: str, rows: int, logs: Path) -> list[dict]:
+def read_back(ctx: Bench, topic: str, rows: int, logs: Path) -> list[dict]:
     """Every record of `topic` (examples/consume), until all `rows` ids were seen and
     nothing more came for 5 s (or 120 s in all)."""
-    p = bench.spawn([ctx.args.consume_bin, ctx.brokers, topic], stdout=subprocess.PIPE,
-                    log_path=logs / "consume.log")
+    p = spawn([ctx.settings.consume_bin, ctx.servers.brokers, topic], stdout=subprocess.PIPE,
+              log_path=logs / "consume.log")
     records, ids = [], set()
     last, deadline = time.monotonic(), time.monotonic() + 120
     done = threading.Event()
@@ -129,20 +135,20 @@ def read_back(ctx, topic: str, rows: int, logs: Path) -> list[dict]:
         if len(ids) >= rows and time.monotonic() - last > 5:
             break
         time.sleep(0.2)
-    bench.stop_process(p)
+    stop_process(p)
     return records
 
 
-def run_crash_loop(ctx) -> dict:
-    a = ctx.args
-    db = ctx.db
+def run_crash_loop(ctx: Bench) -> dict:
+    a = ctx.settings
+    db = ctx.servers.db
     rid = ctx.run_id
     table, publication, slot = f"outbox_{rid}_crash", f"bench_{rid}_crash", f"bench_{rid}_crash_relay"
     atype = f"crash_{rid}"
     topic = f"outbox.event.{atype}"
-    bench.create_outbox(db, table, publication)
+    create_outbox(db, table, publication)
     db.one(f"SELECT lsn FROM pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-    mport = bench.free_port()
+    mport = free_port()
     url = f"http://127.0.0.1:{mport}"
     cfg = ctx.out / "relay-crash.toml"
     cfg.write_text(relay_config_text(ctx, slot=slot, publication=publication, table=table,
@@ -150,18 +156,7 @@ def run_crash_loop(ctx) -> dict:
     log_path = ctx.logs / "relay-crash.log"
 
     def start_relay() -> subprocess.Popen:
-        p = bench.spawn([a.relay_bin, "run", "--config", cfg], log_path=log_path, env=bench.relay_env())
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                code, body = bench.http_get(url + "/readyz", timeout=1)
-                if code == 200 and body.startswith("ready"):
-                    return p
-            except OSError:
-                pass
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise bench.BenchError(f"relay did not become ready; see {log_path}")
-            time.sleep(0.02)
+        return start_relay_process(a.relay_bin, cfg, log_path, url, timeout=60, interval=0.02)
 
     relay = start_relay()
     scraper = Scraper(url)
@@ -174,19 +169,19 @@ def run_crash_loop(ctx) -> dict:
         f"SELECT '{atype}', 'agg-' || (random() * 999)::int, 'CrashEvent', "
         "jsonb_build_object('i', g, 'pad', repeat('x', 150)) FROM generate_series(1, :n) g;\n")
     tx_rate = a.crash_rate / 25.5
-    bench.log(f"crash loop: {a.crash_rate:,} rows/s in transactions of 1-50 rows for {a.crash_seconds} s, "
-              f"{a.crash_kills} SIGKILLs 1-4 s apart, relay {a.relay_bin}")
-    cpu0 = bench.proc_cpu_seconds(relay.pid) or 0.0
+    log(f"crash loop: {a.crash_rate:,} rows/s in transactions of 1-50 rows for {a.crash_seconds} s, "
+        f"{a.crash_kills} SIGKILLs 1-4 s apart, relay {a.relay_bin}")
+    cpu0 = proc_cpu_seconds(relay.pid) or 0.0
     relay_cpu = 0.0
     walsender_pid = db.one(f"SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'")
     walsender_cpu = 0.0
-    ws0 = bench.proc_cpu_seconds(int(walsender_pid)) if walsender_pid else None
+    ws0 = proc_cpu_seconds(int(walsender_pid)) if walsender_pid else None
     writes0 = int(db.one(f"SELECT n_tup_upd + n_tup_ins FROM pg_stat_all_tables "
                          f"WHERE schemaname = 'outbox_relay' AND relname = 'checkpoint'") or 0)
     t0 = time.monotonic()
-    pgbench = bench.spawn([bench.pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", 2, "-j", 2,
-                           "-R", f"{tx_rate:.2f}", "-T", a.crash_seconds, ctx.url],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pgbench = spawn([pg_bin() / "pgbench", "-n", "-M", "prepared", "-f", script, "-c", 2, "-j", 2,
+                     "-R", f"{tx_rate:.2f}", "-T", a.crash_seconds, ctx.servers.url],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(a.crash_seed)
     kills, produced_total = [], 0.0
     next_kill = time.monotonic() + rng.uniform(1, 4)
@@ -196,20 +191,20 @@ def run_crash_loop(ctx) -> dict:
             continue
         history = scraper.take()
         # CPU first (a reaped process has none to read), then the last reading and the kill.
-        relay_cpu += (bench.proc_cpu_seconds(relay.pid) or cpu0) - cpu0
+        relay_cpu += (proc_cpu_seconds(relay.pid) or cpu0) - cpu0
         if ws0 is not None:
-            walsender_cpu += (bench.proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
+            walsender_cpu += (proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
         last = scrape(url)
         relay.send_signal(signal.SIGKILL)
         relay.wait()
         if last is None:
-            raise bench.BenchError("no /metrics reading right before the kill")
+            raise BenchError("no /metrics reading right before the kill")
         # The restart point: what the next instance starts from and skips through.
         row = db.one(
             f"SELECT confirmed_flush_lsn, (SELECT acked_lsn FROM outbox_relay.checkpoint "
             f"WHERE slot_name = '{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'")
         confirmed, stored = (row.split("|") + [""])[:2]
-        restart = max(bench.lsn_int(confirmed), bench.lsn_int(stored) if stored else 0)
+        restart = max(lsn_int(confirmed), lsn_int(stored) if stored else 0)
         kills.append({
             "at_s": round(last["t"] - t0, 2),
             "in_flight": last["in_flight"],
@@ -221,44 +216,44 @@ def run_crash_loop(ctx) -> dict:
         })
         produced_total += last["produced"]
         relay = start_relay()
-        cpu0 = bench.proc_cpu_seconds(relay.pid) or 0.0
+        cpu0 = proc_cpu_seconds(relay.pid) or 0.0
         walsender_pid = db.one(f"SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'")
-        ws0 = bench.proc_cpu_seconds(int(walsender_pid)) if walsender_pid else None
+        ws0 = proc_cpu_seconds(int(walsender_pid)) if walsender_pid else None
         next_kill = time.monotonic() + rng.uniform(1, 4)
     out, err = pgbench.communicate()
     elapsed = time.monotonic() - t0
     end = db.one("SELECT pg_current_wal_lsn()")
-    watch = bench.SlotWatch(db, slot, end)
+    watch = SlotWatch(db, slot, end)
     deadline = time.monotonic() + 120
     while not watch.poll():
         if time.monotonic() > deadline:
-            raise bench.BenchError("the relay did not confirm the end of the run within 120 s")
+            raise BenchError("the relay did not confirm the end of the run within 120 s")
         time.sleep(0.1)
-    relay_cpu += (bench.proc_cpu_seconds(relay.pid) or cpu0) - cpu0
+    relay_cpu += (proc_cpu_seconds(relay.pid) or cpu0) - cpu0
     if ws0 is not None:
-        walsender_cpu += (bench.proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
+        walsender_cpu += (proc_cpu_seconds(int(walsender_pid)) or ws0) - ws0
     # The backend serving the last instance's checkpoint writes (it lives as
     # long as that instance: with --crash-kills 0, the whole run).
     cp_pid = db.one("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO %.checkpoint AS c%' "
                     "OR query LIKE '%AND state = ''pending'')%' ORDER BY backend_start DESC LIMIT 1")
-    cp_cpu = bench.proc_cpu_seconds(int(cp_pid)) if cp_pid else None
+    cp_cpu = proc_cpu_seconds(int(cp_pid)) if cp_pid else None
     final = scrape(url)
     produced_total += final["produced"] if final else 0.0
     scraper.stopped = True
-    bench.stop_process(relay)
+    stop_process(relay)
     rows = int(db.one(f"SELECT count(*) FROM public.{table}"))
     checkpoint_writes = int(db.one(f"SELECT n_tup_upd + n_tup_ins FROM pg_stat_all_tables "
                                    f"WHERE schemaname = 'outbox_relay' AND relname = 'checkpoint'") or 0) - writes0
     written_ids = set(db.query(f"SELECT id FROM public.{table}"))
 
-    bench.log(f"crash loop: reading {rows:,} rows back from {topic}")
+    log(f"crash loop: reading {rows:,} rows back from {topic}")
     records = read_back(ctx, topic, rows, ctx.logs)
     copies: dict[str, int] = {}
     lsn_of: dict[str, int] = {}
     for r in records:
         i = r["headers"].get("id")
         copies[i] = copies.get(i, 0) + 1
-        lsn_of[i] = bench.lsn_int(r["headers"]["lsn"])
+        lsn_of[i] = lsn_int(r["headers"]["lsn"])
     lost = len(written_ids - set(copies))
     for k in kills:
         k["resent"] = 0
@@ -270,7 +265,7 @@ def run_crash_loop(ctx) -> dict:
             if k["restart_lsn"] <= lsn_of[i]:
                 owner = k
         if owner is None:
-            raise bench.BenchError(f"id {i} arrived {n} times but commits before the first restart point")
+            raise BenchError(f"id {i} arrived {n} times but commits before the first restart point")
         owner["resent"] += n - 1
     for k in kills:
         allowed = k["in_flight"] + k["acked_50ms"] + k["gap"]

@@ -16,41 +16,48 @@ Aggregate events/s = all events / wall time until the last reader or relay is do
     bench/shards.py                          # 500,000 events, N = 1,2,4, 2 rounds
     bench/shards.py --events 200000 --rounds 3 --tansu
 
-Reuses bench/run.py (servers, workload writer, read limit and relay catch-up
-measurements, CPU and RSS readers); Python 3.11 standard library only.
+Reuses bench/run.py's package bench/outbox_bench (servers, workload writer, read limit
+and relay catch-up measurements, CPU and RSS readers); Python 3.11 standard library only.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import run as rb  # bench/run.py
+from dataclasses import replace
 
-WORKLOAD = rb.Workload("tx1_200B", 1, 200, 500_000, 100_000)
+from outbox_bench.context import Bench, output_dirs
+from outbox_bench.cpu import CpuMeter
+from outbox_bench.database import create_outbox, lsn_int, wait_flushed, write_workload
+from outbox_bench.phases.catchup import run_read_limit, run_relay_catchup
+from outbox_bench.processes import BenchError, cargo_build, log, run, run_main
+from outbox_bench.relay import relay_config, relay_env
+from outbox_bench.report import fmt, git_info, machine
+from outbox_bench.servers import PG_SETTINGS, Servers, Sql, server_settings, start_postgres, start_tansu
+from outbox_bench.settings import KEYS, RELAY_BIN, REPO, Settings, Workload
+
+WORKLOAD = Workload("tx1_200B", 1, 200, 500_000, 100_000)
 
 
-def parallel(ctx, fn, jobs: list[dict]) -> tuple[list[dict], float, dict]:
-    """Runs fn(ctx_i, **job) for every job at once, each in a thread with its own psql
+def parallel(sessions: list[Bench], fn, jobs: list[dict]) -> tuple[list[dict], float, dict]:
+    """Runs fn(sessions[i], **job) for every job at once, each in a thread with its own psql
     session; returns the results, the wall time from the common start until the last
     job's own end (its start offset plus its `seconds`) and the machine load meanwhile."""
     results: list[dict | None] = [None] * len(jobs)
     errors: list[BaseException] = []
-    meter = rb.CpuMeter()
+    meter = CpuMeter()
     t0 = time.monotonic()
 
     def work(i: int, job: dict) -> None:
         try:
             offset = time.monotonic() - t0
-            r = fn(ctx.sessions[i], **job)
+            r = fn(sessions[i], **job)
             r["start_offset_s"] = offset
             results[i] = r
         except BaseException as e:  # reported by the caller
@@ -59,11 +66,12 @@ def parallel(ctx, fn, jobs: list[dict]) -> tuple[list[dict], float, dict]:
     threads = [threading.Thread(target=work, args=(i, j), daemon=True) for i, j in enumerate(jobs)]
     for t in threads:
         t.start()
-    deadline = t0 + ctx.args.timeout + 60
+    timeout = sessions[0].settings.timeout
+    deadline = t0 + timeout + 60
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
-            raise rb.BenchError(f"a parallel {fn.__name__} did not finish within {ctx.args.timeout} s")
+            raise BenchError(f"a parallel {fn.__name__} did not finish within {timeout} s")
     if errors:
         raise errors[0]
     load = meter.stop() | {"phase_seconds": time.monotonic() - t0}
@@ -94,13 +102,13 @@ def shard_config(count: int, index: int) -> str:
     return f"[shard]\ncount = {count}\nindex = {index}\n"
 
 
-def init_shards(ctx, *, slot: str, publication: str, count: int) -> None:
+def init_shards(b: Bench, table: str, *, slot: str, publication: str, count: int) -> None:
     """`outbox-relay init --all-shards`: every shard's publication (row filter) and slot."""
-    cfg = ctx.out / f"init-{slot}.toml"
-    rb.relay_config(cfg, url=ctx.url, brokers="127.0.0.1:9", slot=slot, publication=publication,
-                    table=ctx.table, partitions=1, metrics="", extra=shard_config(count, 0))
-    r = rb.run([rb.RELAY_BIN, "init", "--all-shards", "--config", cfg], env=rb.relay_env())
-    (ctx.logs / f"init-{slot}.log").write_text(r.stdout + r.stderr)
+    cfg = b.out / f"init-{slot}.toml"
+    relay_config(cfg, url=b.servers.url, brokers="127.0.0.1:9", slot=slot, publication=publication,
+                 table=table, partitions=1, metrics="", extra=shard_config(count, 0))
+    r = run([RELAY_BIN, "init", "--all-shards", "--config", cfg], env=relay_env())
+    (b.logs / f"init-{slot}.log").write_text(r.stdout + r.stderr)
 
 
 def fit(c1: float, cf: float, f: float) -> tuple[float, float]:
@@ -205,7 +213,7 @@ def markdown(res: dict) -> str:
                     "cores": ph["benchmark_cores"]})
     m = res["machine"]
     lines = [f"Run {res['started']} ({res['total_seconds']:.0f} s): {m['nproc']} CPUs ({m['cpu_model']}), "
-             f"{m['postgresql']}; {res['events']:,} single-row inserts, {rb.KEYS} keys, "
+             f"{m['postgresql']}; {res['events']:,} single-row inserts, {KEYS} keys, "
              f"{res['wal_bytes'] / 1e6:.0f} MB of WAL; rows per shard: "
              + "; ".join(f"N={n}: {', '.join(f'{c:,}' for c in cs)}" for n, cs in res["shard_events"].items()) + ".",
              "", f"Median [lowest-highest] of {len(res['rounds'])} rounds:", "",
@@ -240,7 +248,7 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {r['round']} | {r['n']} | {r['sink']} | {r['relays']:,.0f} | {r['readers']:,.0f} "
             f"| {r['relays_ratio']:.2f} | {r['readers_ratio']:.2f} "
-            f"| {rb.fmt(r['ws_relays'], '.1f')}; {rb.fmt(r['ws_readers'], '.1f')} "
+            f"| {fmt(r['ws_relays'], '.1f')}; {fmt(r['ws_readers'], '.1f')} "
             f"| {', '.join(format(c, '.2f') for c in r['relay_cpu'])} | {r['relay_cpu_per_million']:.1f} "
             f"| {r['switches']:.2f} | {', '.join(format(x, '.1f') for x in r['rss'])} "
             f"| {r['load']:.2f}; {r['load_readers']:.2f} |")
@@ -250,7 +258,7 @@ def markdown(res: dict) -> str:
         for what, x in [("1 slot, unfiltered (read limit)", rnd["read_limit"]),
                         *[(f"shard {k.replace('of', ' of ')}", a) for k, a in rnd["alone"].items()]]:
             lines.append(f"| {rnd['round']} | {what} | {round(x['events_per_s'] * x['seconds']):,} | {x['seconds']:.2f} "
-                         f"| {x['events_per_s']:,.0f} | {rb.fmt(x['walsender_cpu_s'], '.2f')} | {x['other_load_cores']:.2f} |")
+                         f"| {x['events_per_s']:,.0f} | {fmt(x['walsender_cpu_s'], '.2f')} | {x['other_load_cores']:.2f} |")
     if not res.get("model"):
         return "\n".join(lines) + "\n"
     lines += ["", "| round | decode / output, wall s per 1M | decode share (wall; CPU) | decode rate (events/s) "
@@ -263,10 +271,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {mr['round']} | {mr['decode_wall_s_per_million']:.2f} / {mr['output_wall_s_per_million']:.2f} "
                      f"| {mr['decode_share_wall_s']:.0%}; {mr['decode_share_cpu_s']:.0%} "
                      f"| {mr['decode_rate_events_per_s']:,.0f} "
-                     f"| {rb.fmt(mr.get('shard_0of4_wall_s_predicted'), '.2f')} / "
-                     f"{rb.fmt(mr.get('shard_0of4_wall_s_measured'), '.2f')} "
-                     f"| {rb.fmt(mr.get('filtered_line_decode_share_wall_s'), '.0%')}; "
-                     f"{rb.fmt(mr.get('filtered_line_decode_share_cpu_s'), '.0%')} | {preds} |")
+                     f"| {fmt(mr.get('shard_0of4_wall_s_predicted'), '.2f')} / "
+                     f"{fmt(mr.get('shard_0of4_wall_s_measured'), '.2f')} "
+                     f"| {fmt(mr.get('filtered_line_decode_share_wall_s'), '.0%')}; "
+                     f"{fmt(mr.get('filtered_line_decode_share_cpu_s'), '.0%')} | {preds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,41 +290,34 @@ def main() -> int:
     ap.add_argument("--skip-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--timeout", type=int, default=600, help="seconds allowed for one catch-up (default 600)")
     args = ap.parse_args()
-    args.partitions = 1
-    ctx = rb.Ctx()
-    ctx.args = args
+    # The relays' topics (--tansu) have one partition.
+    settings = Settings(partitions=1, timeout=args.timeout, out=args.out, skip_build=args.skip_build)
     run_id = secrets.token_hex(3)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    ctx.out = (args.out or rb.REPO / "target/bench" / time.strftime("shards-%Y%m%d-%H%M%S")).resolve()
-    ctx.logs = ctx.out / "logs"
-    ctx.logs.mkdir(parents=True, exist_ok=True)
+    out, logs = output_dirs(args.out, "shards-%Y%m%d-%H%M%S")
     t_start = time.monotonic()
     if not args.skip_build:
-        rb.log("cargo build --release --bin outbox-relay")
-        if subprocess.run(["cargo", "build", "--release", "--bin", "outbox-relay"], cwd=rb.REPO).returncode != 0:
-            raise rb.BenchError("cargo build --release failed")
+        log("cargo build --release --bin outbox-relay")
+        cargo_build(REPO, ["--bin", "outbox-relay"])
     counts = sorted(set(args.counts) | {1})
     per_round = 1 + sum(1 + n for n in counts if n > 1) + sum(counts) + sum(args.tansu)
-    rb.PG_SETTINGS["max_replication_slots"] = str(per_round * args.rounds + 4)
-    rb.PG_SETTINGS["max_wal_senders"] = str(2 * max(counts) + 4)
-    rb.log("starting PostgreSQL")
-    ctx.url = rb.start_postgres(ctx.logs)
-    ctx.tansu = None
-    ctx.brokers = "127.0.0.1:9"  # stdout sink: no broker
+    pg_settings = dict(PG_SETTINGS, max_replication_slots=str(per_round * args.rounds + 4),
+                       max_wal_senders=str(2 * max(counts) + 4))
+    log("starting PostgreSQL")
+    url = start_postgres(logs, pg_settings)
     tansu_brokers = None
     if args.tansu:
-        rb.log("starting tansu")
-        tansu_brokers, _ = rb.start_tansu(ctx.logs)
-    ctx.db = rb.Sql(ctx.url, ctx.logs)
-    ctx.sessions = []
-    for _ in range(max(counts)):
-        c = copy.copy(ctx)
-        c.db = rb.Sql(ctx.url, ctx.logs)
-        ctx.sessions.append(c)
-    db = ctx.db
-    ctx.table = f"outbox_{run_id}"
+        log("starting tansu")
+        tansu_brokers, _ = start_tansu(logs)
+    # stdout sink: no broker
+    ctx = Bench(settings=settings, run_id=run_id, out=out, logs=logs,
+                servers=Servers(url=url, brokers="127.0.0.1:9", tansu=None, db=Sql(url, logs)))
+    # One psql session per parallel reader or relay, each with servers of its own.
+    sessions = [replace(ctx, servers=replace(ctx.servers, db=Sql(url, logs))) for _ in range(max(counts))]
+    db = ctx.servers.db
+    table = f"outbox_{run_id}"
     pub = f"bench_{run_id}"
-    rb.create_outbox(db, ctx.table, pub)
+    create_outbox(db, table, pub)
 
     # Every slot before the first row: the same WAL range for all.
     def slot(name: str) -> str:
@@ -332,10 +333,10 @@ def main() -> int:
         for n in counts:
             base_pub = pub if n == 1 else f"{pub}_n{n}"
             # init creates the shards' publications (first round) and the relays' slots.
-            init_shards(ctx, slot=f"b{run_id}_relay{r}_n{n}", publication=base_pub, count=n)
+            init_shards(ctx, table, slot=f"b{run_id}_relay{r}_n{n}", publication=base_pub, count=n)
             s["relay"][n] = (f"b{run_id}_relay{r}_n{n}", base_pub)
             if n in args.tansu:
-                init_shards(ctx, slot=f"b{run_id}_tansu{r}_n{n}", publication=base_pub, count=n)
+                init_shards(ctx, table, slot=f"b{run_id}_tansu{r}_n{n}", publication=base_pub, count=n)
                 s["tansu"][n] = (f"b{run_id}_tansu{r}_n{n}", base_pub)
             if n > 1:
                 s["alone"][n] = slot(f"b{run_id}_alone{r}_n{n}")
@@ -351,21 +352,21 @@ def main() -> int:
         filters[str(n)] = [db.one(f"SELECT rowfilter FROM pg_publication_tables WHERE pubname = '{pub}_n{n}_shard{i}of{n}'")
                            for i in range(n)]
 
-    w = rb.Workload(WORKLOAD.name, WORKLOAD.txn_rows, WORKLOAD.payload_bytes, args.events, args.events)
-    rb.log(f"writing {args.events:,} single-row inserts")
-    write_s = rb.write_workload(ctx.url, ctx.table, f"shards_{run_id}", w, args.events)
+    w = Workload(WORKLOAD.name, WORKLOAD.txn_rows, WORKLOAD.payload_bytes, args.events, args.events)
+    log(f"writing {args.events:,} single-row inserts")
+    write_s = write_workload(url, table, f"shards_{run_id}", w, args.events)
     end = db.one("SELECT pg_current_wal_insert_lsn()")
-    rb.wait_flushed(db, end)
+    wait_flushed(db, end)
     for n, fl in filters.items():
-        shard_events[n] = [int(db.one(f"SELECT count(*) FROM public.{ctx.table} WHERE {f}")) for f in fl]
+        shard_events[n] = [int(db.one(f"SELECT count(*) FROM public.{table} WHERE {f}")) for f in fl]
         if sum(shard_events[n]) != args.events:
-            raise rb.BenchError(f"the {n} shards' filters pass {sum(shard_events[n])} of {args.events} rows")
-    wal_bytes = rb.lsn_int(end) - rb.lsn_int(start)
-    rb.log(f"wrote {args.events:,} rows in {write_s:.1f} s, {wal_bytes / 1e6:.0f} MB of WAL; rows per shard {shard_events}")
+            raise BenchError(f"the {n} shards' filters pass {sum(shard_events[n])} of {args.events} rows")
+    wal_bytes = lsn_int(end) - lsn_int(start)
+    log(f"wrote {args.events:,} rows in {write_s:.1f} s, {wal_bytes / 1e6:.0f} MB of WAL; rows per shard {shard_events}")
 
-    res |= {"started": started, "machine": rb.machine(), "git": rb.git_info(),
+    res |= {"started": started, "machine": machine(), "git": git_info(),
            "command": " ".join(["bench/shards.py", *sys.argv[1:]]),
-           "settings": {"postgresql": {k: db.one(f"SHOW {k}") for k in rb.PG_SETTINGS}, "keys": rb.KEYS,
+           "settings": {"postgresql": server_settings(db, pg_settings), "keys": KEYS,
                         "relay": "stdout sink, confirm = true, stdout to /dev/null; status_interval_ms = 100",
                         "tansu_counts": args.tansu, "row_filters": filters},
            "events": args.events, "write_seconds": write_s, "wal_bytes": wal_bytes, "wal_range": [start, end],
@@ -374,22 +375,22 @@ def main() -> int:
            "rounds": []}
 
     def note(what: str, r: dict) -> None:
-        rb.log(f"round {len(res['rounds'])}: {what}: {r['events_per_s']:,.0f} events/s ({r['seconds']:.2f} s), "
-               f"walsender CPU {rb.fmt(r.get('walsender_cpu_s'), '.2f')} s, other load {r['other_load_cores']:.2f} cores")
+        log(f"round {len(res['rounds'])}: {what}: {r['events_per_s']:,.0f} events/s ({r['seconds']:.2f} s), "
+               f"walsender CPU {fmt(r.get('walsender_cpu_s'), '.2f')} s, other load {r['other_load_cores']:.2f} cores")
 
     for r, s in enumerate(rounds_slots):
         rnd = {"round": r, "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
                "alone": {}, "recvlogical": {}, "relay": {}}
-        rnd["read_limit"] = rb.run_read_limit(ctx, slot=s["read"], publication=pub, end=end, events=args.events)
+        rnd["read_limit"] = run_read_limit(ctx, slot=s["read"], publication=pub, end=end, events=args.events)
         note("read limit, 1 slot", rnd["read_limit"])
         for n, sl in s["alone"].items():
-            a = rb.run_read_limit(ctx, slot=sl, publication=f"{pub}_n{n}_shard0of{n}", end=end,
+            a = run_read_limit(ctx, slot=sl, publication=f"{pub}_n{n}_shard0of{n}", end=end,
                                   events=shard_events[str(n)][0])
             a["fraction"] = shard_events[str(n)][0] / args.events
             rnd["alone"][f"0of{n}"] = a
             note(f"shard 0 of {n} alone ({shard_events[str(n)][0]:,} events)", a)
         for n, slots in s["recv"].items():
-            results, wall, load = parallel(ctx, rb.run_read_limit, [
+            results, wall, load = parallel(sessions, run_read_limit, [
                 {"slot": sl, "publication": f"{pub}_n{n}_shard{i}of{n}", "end": end, "events": shard_events[str(n)][i]}
                 for i, sl in enumerate(slots)])
             rnd["recvlogical"][str(n)] = aggregate(results, wall, load, args.events)
@@ -397,27 +398,27 @@ def main() -> int:
         for key, sink in [("relay", True), ("tansu", False)]:
             for n, (base, base_pub) in s[key].items():
                 def job(i: int) -> dict:
-                    return {"slot": base, "publication": base_pub, "table": ctx.table, "end": end,
+                    return {"slot": base, "publication": base_pub, "table": table, "end": end,
                             "events": shard_events[str(n)][i], "name": f"{key}{r}-n{n}-s{i}",
                             "extra_config": shard_config(n, i), "stdout_sink": sink,
                             "watch_slot": f"{base}_shard{i}of{n}" if n > 1 else None}
                 if not sink:
-                    for c in ctx.sessions:
-                        c.brokers, c.tansu = tansu_brokers, None
+                    for c in sessions:
+                        c.servers.brokers, c.servers.tansu = tansu_brokers, None
                 try:
-                    results, wall, load = parallel(ctx, rb.run_relay_catchup, [job(i) for i in range(n)])
-                except rb.BenchError as e:
+                    results, wall, load = parallel(sessions, run_relay_catchup, [job(i) for i in range(n)])
+                except BenchError as e:
                     if sink:
                         raise
-                    rb.log(f"round {r}: {n} relays with tansu failed: {e}")  # tansu 0.6 at volume: not fatal
+                    log(f"round {r}: {n} relays with tansu failed: {e}")  # tansu 0.6 at volume: not fatal
                     rnd.setdefault("relay_tansu_errors", {})[str(n)] = str(e)
                     continue
                 finally:
-                    for c in ctx.sessions:
-                        c.brokers = ctx.brokers
+                    for c in sessions:
+                        c.servers.brokers = ctx.servers.brokers
                 rnd.setdefault("relay" if sink else "relay_tansu", {})[str(n)] = agg = aggregate(results, wall, load, args.events)
                 note(f"{n} relays in parallel ({'stdout' if sink else 'tansu'})", agg)
-                rb.log(f"  relay CPU s per shard {[round(x['cpu_s'], 2) for x in results]}, "
+                log(f"  relay CPU s per shard {[round(x['cpu_s'], 2) for x in results]}, "
                        f"peak RSS MB {[round(x['peak_rss_mb'] or 0, 1) for x in results]}")
         res["rounds"].append(rnd)
         (ctx.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")  # partial results
@@ -428,21 +429,9 @@ def main() -> int:
     md = markdown(res)
     (ctx.out / "results.md").write_text(md)
     print(md)
-    rb.log(f"results: {ctx.out / 'results.json'}, {ctx.out / 'results.md'}")
+    log(f"results: {ctx.out / 'results.json'}, {ctx.out / 'results.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, rb._on_signal)
-    code = 1
-    try:
-        code = main()
-    except rb.BenchError as e:
-        rb.log(f"error: {e}")
-    except KeyboardInterrupt:
-        rb.log("interrupted")
-        code = 130
-    finally:
-        rb.CLEANUP.run()
-    sys.exit(code)
+    sys.exit(run_main(main))

@@ -1,5 +1,5 @@
 //! The "write limit" of `bench/run.py`: a plain idempotent producer with the
-//! relay's producer settings (`outbox_relay::kafka::client_config`, plus
+//! relay's producer settings (`outbox_relay::sink::kafka::client_config`, plus
 //! `enable.idempotence=true` and `acks=all` like `kafka::Producer`) that sends
 //! COUNT records shaped like the relay's (key `agg-{i % KEYS}`, a payload of
 //! PAYLOAD_BYTES, headers `id`, `event_type`, `lsn`) as fast as librdkafka
@@ -148,18 +148,20 @@ async fn main() {
         eprintln!("bench_producer: {e}");
         std::process::exit(2);
     });
-    let kafka = KafkaConfig {
-        brokers: args.brokers.clone(),
-        properties: args
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
-            .collect(),
-        ..KafkaConfig::default()
-    };
+    let mut kafka = KafkaConfig::default();
+    kafka.brokers = args.brokers.clone();
+    kafka.properties = args
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), toml::Value::String(v.clone())))
+        .collect();
+    kafka.validate().unwrap_or_else(|e| {
+        eprintln!("bench_producer: {e}");
+        std::process::exit(2);
+    });
     // The relay's defaults (linger.ms, queue bound, message timeout), then what
     // kafka::Producer::new adds.
-    let mut cc = outbox_relay::kafka::client_config(&kafka);
+    let mut cc = outbox_relay::sink::kafka::client_config(&kafka);
     create_topic(&cc, &args.topic, args.partitions)
         .await
         .unwrap_or_else(|e| {

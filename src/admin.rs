@@ -137,7 +137,7 @@ pub async fn replay(
 /// The SQL connection of an admin command: `postgres.url`, waiting at most
 /// [`CONNECT_TIMEOUT`] unless the URL sets `connect_timeout`.
 pub async fn connect(cfg: &Config) -> Result<Client, SetupError> {
-    let mut pg = cfg.postgres_config().expect("validated");
+    let mut pg = cfg.pg().clone();
     if pg.config.get_connect_timeout().is_none() {
         pg.config.connect_timeout(CONNECT_TIMEOUT);
     }

@@ -8,11 +8,9 @@
 //! - [`transport`]: the stream to PostgreSQL for both connections: socket, `sslmode`, TLS.
 //! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
-//! - [`kafka`]: the producer and its delivery reports.
-//! - [`sink`]: where records go (Kafka, or stdout for `tail` and debugging) and how their acknowledgements come back.
+//! - [`sink`]: where records go and how their acknowledgements come back: `sink::kafka` (the producer and its delivery reports), `sink::redis` (Redis Streams or pub/sub), stdout for `tail` and debugging.
 //! - [`ack`]: which LSN may be confirmed.
-//! - [`server`]: the server's version, primary or standby, and the settings failover depends on.
-//! - [`setup`]: preflight checks, publication and slot management over plain SQL.
+//! - [`setup`]: preflight checks, publication and slot management over plain SQL; `setup::server`: the server's version, primary or standby, and the settings failover depends on.
 //! - [`shard`]: which rows belong to a shard (row filter), shard slot and publication names.
 //! - [`state`]: the relay's own tables: the checkpoint and replay requests.
 //! - [`admin`]: the `init`, `status` and `replay` commands: checks, what they create, print and exit with.
@@ -28,7 +26,6 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod http;
-pub mod kafka;
 pub mod lsn;
 pub mod metrics;
 pub mod outbox;
@@ -36,7 +33,6 @@ pub mod pgoutput;
 pub mod poll;
 pub mod relay;
 pub mod replication;
-pub mod server;
 pub mod setup;
 pub mod shard;
 pub mod sink;

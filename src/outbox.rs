@@ -10,7 +10,8 @@
 use bytes::Bytes;
 
 use crate::config::{
-    Config, Format, OptionalColumn, PlacementKind, RelayHeader, TableName, TemplatePart,
+    valid_topic, Config, Format, OptionalColumn, PlacementKind, RelayHeader, TableName,
+    TemplatePart,
 };
 use crate::lsn::Lsn;
 use crate::pgoutput::{Relation, Tuple, Value};
@@ -96,8 +97,8 @@ pub struct OutboxTable {
 impl OutboxTable {
     pub fn from_config(cfg: &Config) -> Self {
         OutboxTable {
-            table: cfg.table().expect("validated"),
-            template: cfg.topic_template(),
+            table: cfg.table().clone(),
+            template: cfg.topic_template().to_vec(),
             key: cfg.outbox.key.clone(),
             columns: cfg.outbox.columns.clone(),
             opts: std::sync::Arc::new(cfg.outbox.clone()),
@@ -418,16 +419,6 @@ fn decode_bytea_hex(text: &[u8]) -> Option<Bytes> {
         out.push(nib(pair[0])? << 4 | nib(pair[1])?);
     }
     Some(Bytes::from(out))
-}
-
-/// Kafka's topic name rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, not "." or "..".
-pub fn valid_topic(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 249
-        && t != "."
-        && t != ".."
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

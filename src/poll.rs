@@ -140,8 +140,8 @@ impl PollSource {
             .relay_headers
             .retain(|h| *h != RelayHeader::Lsn);
         Ok(PollSource {
-            pg: cfg.postgres_config().expect("validated"),
-            table: cfg.table().expect("validated"),
+            pg: cfg.pg().clone(),
+            table: cfg.table().clone(),
             poll: cfg.poll.clone(),
             outbox: OutboxTable::from_config(&mapped),
             cfg: cfg.clone(),

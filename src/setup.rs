@@ -16,10 +16,11 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::{quote_ident, quote_literal, Config, TableName};
 use crate::lsn::Lsn;
 use crate::outbox::MappingError;
-use crate::server::Server;
 use crate::transport::{self, ConnectError, HostOutcome, PgTarget, ServerState};
+use server::Server;
 
 mod publication;
+pub mod server;
 mod shards;
 mod slot;
 
@@ -71,11 +72,11 @@ pub enum SetupError {
     },
     #[error("replication slot {name:?} does not exist on this standby, and the relay never creates a slot on a standby by itself; run `outbox-relay init` against the standby to create it (it waits for a running-transactions record from the primary: run SELECT pg_log_standby_snapshot(); there)")]
     NoSlotOnStandby { name: String },
-    #[error("PostgreSQL {} is not supported; outbox-relay needs PostgreSQL 14 or later: upgrade the server or point postgres.url at one", crate::server::version_text(*.version_num))]
+    #[error("PostgreSQL {} is not supported; outbox-relay needs PostgreSQL 14 or later: upgrade the server or point postgres.url at one", crate::setup::server::version_text(*.version_num))]
     TooOld { version_num: i32 },
-    #[error("postgres.failover_slot = \"on\" needs PostgreSQL 17 or later (this server is {}); set it to \"auto\" or \"off\", and see the README's failover section for what a failover costs before 17", crate::server::version_text(*.version_num))]
+    #[error("postgres.failover_slot = \"on\" needs PostgreSQL 17 or later (this server is {}); set it to \"auto\" or \"off\", and see the README's failover section for what a failover costs before 17", crate::setup::server::version_text(*.version_num))]
     FailoverNeeds17 { version_num: i32 },
-    #[error("postgres.url reaches a standby in recovery, and logical decoding on a standby needs PostgreSQL 16 or later (this server is {}); point postgres.url at the primary, or add target_session_attrs=read-write to it so the relay picks the primary of several hosts", crate::server::version_text(*.version_num))]
+    #[error("postgres.url reaches a standby in recovery, and logical decoding on a standby needs PostgreSQL 16 or later (this server is {}); point postgres.url at the primary, or add target_session_attrs=read-write to it so the relay picks the primary of several hosts", crate::setup::server::version_text(*.version_num))]
     StandbyNeeds16 { version_num: i32 },
     #[error("postgres.url reaches a standby with hot_standby_feedback = off: the primary would remove rows the slot still needs and PostgreSQL would invalidate the slot; run ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf(); on the standby, or point postgres.url at the primary")]
     NoHotStandbyFeedback,
@@ -92,7 +93,7 @@ pub enum SetupError {
     },
     #[error(transparent)]
     RowFilter(Box<RowFilterMismatch>),
-    #[error("shard.count = {count} needs PostgreSQL 15 or later for publication row filters (this server is {}); set shard.count = 1, or upgrade", crate::server::version_text(*.version_num))]
+    #[error("shard.count = {count} needs PostgreSQL 15 or later for publication row filters (this server is {}); set shard.count = 1, or upgrade", crate::setup::server::version_text(*.version_num))]
     ShardingNeeds15 { count: u32, version_num: i32 },
     #[error("shard.count is {count}, but the slots of this database are of a {} layout ({}); the relay does not create a new set of slots by itself, which could skip or repeat events. {}", others_layouts(.others), .others.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "), reshard_procedure(*.count, .others))]
     ShardCountChanged {
@@ -385,7 +386,7 @@ pub async fn prepare_publication(
     client: &Client,
     cfg: &Config,
 ) -> Result<(Server, Role, bool), SetupError> {
-    let table = cfg.table().expect("validated");
+    let table = cfg.table().clone();
     let server = Server::read(client).await?;
     server.check(cfg)?;
     check_wal_level(client).await?;

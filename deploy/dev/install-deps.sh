@@ -98,6 +98,7 @@ if [ "$ONLY" != postgresql ]; then
   if [ "$ONLY" != local ]; then
     command -v kcat >/dev/null || missing+=(kcat)
     command -v promtool >/dev/null || missing+=(prometheus)
+    command -v python3 >/dev/null || missing+=(python3)
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v nats-server >/dev/null || missing+=(nats-server)
     command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)

@@ -2,18 +2,30 @@
 # Runs outbox-relay in the foreground against a local PostgreSQL and Kafka-protocol
 # broker, starting both if they are not already listening:
 #   deploy/dev/run-local.sh          start what is missing, apply sql/, run the relay
-#   deploy/dev/run-local.sh stop     stop the PostgreSQL and tansu this script started
+#   deploy/dev/run-local.sh --sink redis   the same with the Redis sink instead of Kafka
+#   deploy/dev/run-local.sh stop     stop the servers this script started
 #
 # PostgreSQL listens on 127.0.0.1:${PGPORT:-54329} (data in .local/pg, trust auth: for
-# development only), the broker on 127.0.0.1:${KAFKA_PORT:-9092} (tansu, in memory).
+# development only), the broker on 127.0.0.1:${KAFKA_PORT:-9092} (tansu, in memory),
+# Redis on 127.0.0.1:${REDIS_PORT:-6389} (data in .local/redis, append-only file).
 # If something already listens on a port it is used as is: it must be a PostgreSQL
-# with wal_level=logical, or a Kafka broker.
+# with wal_level=logical, a Kafka broker, or a Redis server.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 STATE="$ROOT/.local"
 PGPORT=${PGPORT:-54329}
 KAFKA_PORT=${KAFKA_PORT:-9092}
+REDIS_PORT=${REDIS_PORT:-6389}
+SINK=kafka
+if [ "${1:-}" = --sink ]; then
+  SINK=${2:-}
+  shift 2 || true
+fi
+case "$SINK" in
+  kafka | redis) ;;
+  *) echo "usage: $0 [--sink kafka|redis] | stop" >&2; exit 2 ;;
+esac
 mkdir -p "$STATE"
 
 log() { echo "run-local: $*" >&2; }
@@ -24,6 +36,7 @@ pgbin() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }
 if [ "${1:-}" = stop ]; then
   [ -f "$STATE/pg/data/postmaster.pid" ] && as_pg "$(pgbin)/pg_ctl" -D "$STATE/pg/data" -m fast stop || true
   [ -f "$STATE/tansu.pid" ] && kill "$(cat "$STATE/tansu.pid")" 2>/dev/null && rm -f "$STATE/tansu.pid" || true
+  [ -f "$STATE/redis.pid" ] && kill "$(cat "$STATE/redis.pid")" 2>/dev/null && rm -f "$STATE/redis.pid" || true
   log "stopped"
   exit 0
 fi
@@ -47,13 +60,41 @@ if ! listening "$PGPORT"; then
     "-p $PGPORT -k $STATE/pg -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10" >/dev/null
 fi
 
-if ! listening "$KAFKA_PORT"; then
-  log "starting tansu on 127.0.0.1:$KAFKA_PORT"
-  nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
-  echo $! >"$STATE/tansu.pid"
-  for _ in $(seq 100); do listening "$KAFKA_PORT" && break; sleep 0.1; done
-fi
+case "$SINK" in
+  kafka)
+    if ! listening "$KAFKA_PORT"; then
+      log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+      nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
+      echo $! >"$STATE/tansu.pid"
+      for _ in $(seq 100); do listening "$KAFKA_PORT" && break; sleep 0.1; done
+    fi
+    SINK_TOML="[kafka]
+brokers = \"127.0.0.1:$KAFKA_PORT\"
+# tansu does not create topics on first use; a real cluster may.
+create_topics = true"
+    WHERE="broker 127.0.0.1:$KAFKA_PORT"
+    WATCH="target/release/examples/consume 127.0.0.1:$KAFKA_PORT outbox.event.order"
+    ;;
+  redis)
+    if ! listening "$REDIS_PORT"; then
+      command -v redis-server >/dev/null || { log "redis-server is missing: apt-get install redis-server (deploy/dev/install-deps.sh installs it)"; exit 1; }
+      log "starting redis-server on 127.0.0.1:$REDIS_PORT (data in $STATE/redis, appendfsync always)"
+      mkdir -p "$STATE/redis"
+      nohup redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STATE/redis" --appendonly yes \
+        --appendfsync always --save "" --protected-mode no >"$STATE/redis/redis.log" 2>&1 &
+      echo $! >"$STATE/redis.pid"
+      for _ in $(seq 100); do listening "$REDIS_PORT" && break; sleep 0.1; done
+    fi
+    SINK_TOML="[sink]
+kind = \"redis\"
+
+[redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\""
+    WHERE="Redis redis://127.0.0.1:$REDIS_PORT"
+    WATCH="redis-cli -p $REDIS_PORT XREAD BLOCK 0 STREAMS outbox.event.order 0   (docs/sinks/redis.md: the fields, XREADGROUP)"
+    ;;
+esac
 
 URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres"
 psql "$URL" -qX -v ON_ERROR_STOP=1 -f sql/001_outbox.sql
@@ -63,10 +104,7 @@ cat >"$STATE/relay.toml" <<TOML
 [postgres]
 url = "$URL"
 
-[kafka]
-brokers = "127.0.0.1:$KAFKA_PORT"
-# tansu does not create topics on first use; a real cluster may.
-create_topics = true
+$SINK_TOML
 TOML
 
 RELAY=target/release/outbox-relay
@@ -75,11 +113,11 @@ RELAY=target/release/outbox-relay
 
 cat >&2 <<TXT
 
-run-local: PostgreSQL $URL, broker 127.0.0.1:$KAFKA_PORT, config $STATE/relay.toml
+run-local: PostgreSQL $URL, $WHERE, config $STATE/relay.toml
 run-local: in another terminal, insert an event:
   psql "$URL" -c "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'order-1', 'OrderPlaced', '{\"total\": 42}')"
 run-local: and watch it arrive:
-  target/release/examples/consume 127.0.0.1:$KAFKA_PORT outbox.event.order
+  $WATCH
 run-local: the slot's progress: $RELAY status --config $STATE/relay.toml
 run-local: stop the relay with Ctrl-C; stop the servers with: deploy/dev/run-local.sh stop
 

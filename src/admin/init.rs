@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, SourceKind, TableName};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{self, q, OtherShardSlot, Role, SetupError};
 
 /// What `init` found on the server; everything [`plan`] needs.
@@ -104,7 +104,7 @@ pub enum ItemState {
 
 /// Reads everything `init` checks.
 pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError> {
-    let table = cfg.table().expect("validated");
+    let table = cfg.table().clone();
     let server = Server::read(client).await?;
     let settings = client
         .query_one(
@@ -232,7 +232,7 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
 /// Decides, per item, whether it is fine, to be created, or a problem (and which).
 pub fn plan(f: &Facts, cfg: &Config) -> Vec<Item> {
     use ItemState::{Create, Problem};
-    let table = cfg.table().expect("validated");
+    let table = cfg.table().clone();
     let role = &f.role;
     let item = |label: String, state| Item { label, state };
     let mut items = Vec::new();

@@ -93,7 +93,7 @@ pub(super) async fn run(
             args.topic_suffix.as_ref().map(|s| format!("t{s}")),
         ),
     ] {
-        if topic.is_some_and(|t| !crate::outbox::valid_topic(&t)) {
+        if topic.is_some_and(|t| !crate::config::valid_topic(&t)) {
             eprintln!(
                 "outbox-relay: {flag} must keep topic names valid (1-249 of a-z A-Z 0-9 . _ -)"
             );

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::lsn::Lsn;
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{self, q, SetupError, SlotReport, SlotState};
 use crate::state::{Checkpoint, StateStore};
 

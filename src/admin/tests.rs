@@ -7,7 +7,7 @@ use super::*;
 use crate::config::TableName;
 use crate::lsn::Lsn;
 use crate::pgoutput::Column;
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{Role, SlotReport};
 
 fn config(extra: &str) -> Config {

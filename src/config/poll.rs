@@ -98,8 +98,13 @@ impl PollConfig {
 }
 
 /// Checks `[source]` and `[poll]`, and the options polling cannot honour.
-pub(super) fn validate(cfg: &super::Config) -> Result<(), ConfigError> {
-    let p = &cfg.poll;
+pub(super) fn validate(
+    source: &SourceConfig,
+    p: &PollConfig,
+    shard: &super::ShardConfig,
+    outbox: &super::OutboxConfig,
+    replay: &super::ReplayConfig,
+) -> Result<(), ConfigError> {
     if p.order_column.is_empty() {
         return Err(invalid("poll.order_column", "must name a column"));
     }
@@ -145,7 +150,7 @@ pub(super) fn validate(cfg: &super::Config) -> Result<(), ConfigError> {
             format!("{} is outside 1..=60000", p.after_send_interval_ms),
         ));
     }
-    if cfg.source.kind != SourceKind::Poll {
+    if source.kind != SourceKind::Poll {
         return Ok(());
     }
     let conflict = |message: &str| {
@@ -153,13 +158,13 @@ pub(super) fn validate(cfg: &super::Config) -> Result<(), ConfigError> {
             message: message.into(),
         })
     };
-    if cfg.shard.count > 1 {
+    if shard.count > 1 {
         return conflict("shard.count > 1 splits the WAL over several slots; with source.kind = \"poll\" one leader polls the table (the others stand by): remove shard.count, or use source.kind = \"wal\"");
     }
-    if !cfg.outbox.messages_prefix.is_empty() {
+    if !outbox.messages_prefix.is_empty() {
         return conflict("outbox.messages_prefix relays pg_logical_emit_message events, which exist only in the WAL; with source.kind = \"poll\" remove messages_prefix (write outbox rows), or use source.kind = \"wal\"");
     }
-    if cfg.replay.window.is_some() {
+    if replay.window.is_some() {
         return conflict("replay.window keeps WAL for replays through the slot; with source.kind = \"poll\" there is no slot: remove replay.window (with poll.after_send = \"mark\", re-send rows by setting their sent column to NULL)");
     }
     Ok(())

@@ -9,42 +9,29 @@ use serde::Deserialize;
 use super::{invalid, validate_identifier, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Schema of the relay's own tables (`checkpoint`, `replay_request`), created
     /// by `init` (or `sql/002_relay_state.sql`). Default `outbox_relay`.
-    #[serde(default = "default_schema")]
     pub schema: String,
     /// How often the relay looks for replay requests, in milliseconds. Default
     /// 1000. (Until this version it was also the checkpoint's write interval;
     /// see `write_interval_ms`.)
-    #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
     /// Shortest interval between two checkpoint writes while the acknowledged
     /// position advances, in milliseconds. Default 20. The stored position
     /// trails the acknowledged one by about this much plus one write (and is
     /// stored once more on shutdown). Each write is one small UPDATE committed
     /// with `synchronous_commit = off`.
-    #[serde(default = "default_write_interval_ms")]
     pub write_interval_ms: u64,
-}
-
-fn default_schema() -> String {
-    "outbox_relay".into()
-}
-fn default_interval_ms() -> u64 {
-    1000
-}
-fn default_write_interval_ms() -> u64 {
-    20
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
-            schema: default_schema(),
-            interval_ms: default_interval_ms(),
-            write_interval_ms: default_write_interval_ms(),
+            schema: "outbox_relay".into(),
+            interval_ms: 1000,
+            write_interval_ms: 20,
         }
     }
 }
@@ -69,15 +56,7 @@ pub enum Window {
     Bytes(u64),
 }
 
-impl ReplayConfig {
-    pub fn window(&self) -> Option<Window> {
-        self.window
-            .as_deref()
-            .map(|w| parse_window(w).expect("validated"))
-    }
-}
-
-/// Parses `"1h"`, `"30m"`, `"2GB"`, ... (see [`ReplayConfig::window`]).
+/// Parses `"1h"`, `"30m"`, `"2GB"`, ... (see `Config::window`).
 pub fn parse_window(text: &str) -> Result<Window, String> {
     let t = text.trim();
     let split = t
@@ -123,12 +102,14 @@ pub enum SinkKind {
     Kafka,
     /// Write one JSON line per record to stdout.
     Stdout,
+    /// Redis Streams (`XADD`) or pub/sub (`PUBLISH`): `[redis]`.
+    Redis,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default) or `stdout`.
+    /// `kafka` (default), `stdout` or `redis`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -144,6 +125,7 @@ impl SinkConfig {
         match self.kind {
             SinkKind::Kafka => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
+            SinkKind::Redis => true,
         }
     }
 }
@@ -152,7 +134,7 @@ pub(super) fn validate(
     checkpoint: &CheckpointConfig,
     replay: &ReplayConfig,
     sink: &SinkConfig,
-) -> Result<(), ConfigError> {
+) -> Result<Option<Window>, ConfigError> {
     validate_identifier("checkpoint.schema", &checkpoint.schema)?;
     if !(100..=600_000).contains(&checkpoint.interval_ms) {
         return Err(invalid(
@@ -169,16 +151,19 @@ pub(super) fn validate(
             ),
         ));
     }
-    if let Some(w) = &replay.window {
-        parse_window(w).map_err(|m| invalid("replay.window", m))?;
-    }
-    if sink.kind == SinkKind::Kafka && sink.confirm == Some(false) {
+    let window = replay
+        .window
+        .as_deref()
+        .map(parse_window)
+        .transpose()
+        .map_err(|m| invalid("replay.window", m))?;
+    if sink.kind != SinkKind::Stdout && sink.confirm == Some(false) {
         return Err(invalid(
             "sink.confirm",
-            "applies only to kind = \"stdout\"; the Kafka sink always confirms what the broker acknowledged",
+            "applies only to kind = \"stdout\"; the other sinks always confirm what the destination acknowledged",
         ));
     }
-    Ok(())
+    Ok(window)
 }
 
 #[cfg(test)]

@@ -15,12 +15,12 @@ use crate::admin::{Item, ItemState};
 use crate::config::{quote_ident, AfterSend, Config, PollConfig};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{self, q, SetupError};
 
 /// What `init` checks and creates in poll mode, one item per line.
 pub async fn init_items(client: &Client, cfg: &Config) -> Result<Vec<Item>, SetupError> {
-    let t = cfg.table().expect("validated");
+    let t = cfg.table().clone();
     let p = &cfg.poll;
     let server = Server::read(client).await?;
     let role = setup::read_role(client).await?;
@@ -141,7 +141,7 @@ pub async fn status(
     config_path: &Path,
     json: bool,
 ) -> Result<Option<u8>, SetupError> {
-    let t = cfg.table().expect("validated");
+    let t = cfg.table().clone();
     let p = &cfg.poll;
     let server = Server::read(client).await?;
     let role = setup::read_role(client).await?;
@@ -217,7 +217,7 @@ async fn unsent(
     age_expr: Option<&str>,
 ) -> Result<(i64, Option<f64>), SetupError> {
     let p: &PollConfig = &cfg.poll;
-    let table = cfg.table().expect("validated").quoted();
+    let table = cfg.table().quoted();
     let filter = unsent_filter(p);
     let count: i64 = client
         .query_one(&format!("SELECT count(*) FROM {table}{filter}"), &[])

@@ -147,7 +147,7 @@ impl PollQuery {
             head: format!(
                 "SELECT {} FROM {}{} ORDER BY {} LIMIT ",
                 list.join(", "),
-                cfg.table().expect("validated").quoted(),
+                cfg.table().quoted(),
                 unsent_filter(p),
                 quote_ident(&p.order_column)
             ),
@@ -199,7 +199,7 @@ impl PollQuery {
 /// Removes (or marks) acknowledged rows by their order values.
 pub async fn prepare_removal(client: &Client, cfg: &Config) -> Result<Statement, SetupError> {
     let p = &cfg.poll;
-    let table = cfg.table().expect("validated").quoted();
+    let table = cfg.table().quoted();
     let order = quote_ident(&p.order_column);
     let sql = match p.after_send {
         AfterSend::Delete => format!("DELETE FROM {table} WHERE {order} = ANY($1::int8[])"),
@@ -233,7 +233,7 @@ pub async fn backlog(
     age_expr: Option<&str>,
 ) -> Result<(i64, Option<f64>), SetupError> {
     let p = &cfg.poll;
-    let table = cfg.table().expect("validated").quoted();
+    let table = cfg.table().quoted();
     let order = quote_ident(&p.order_column);
     let filter = unsent_filter(p);
     let span: i64 = client

@@ -24,7 +24,7 @@ use crate::outbox::{DeadLetter, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{Relation, Timestamp};
 use crate::relay::records::Records;
 use crate::relay::{wait_shutdown, RelayError, SessionEnd, ShutdownRx};
-use crate::server::Server;
+use crate::setup::server::Server;
 use crate::setup::{self, SetupError};
 use crate::sink::{DeliveryReport, Sink};
 

@@ -56,7 +56,7 @@ pub const TRIGGER: &str = "outbox_relay_poll_notify";
 impl TableInfo {
     /// `None` when the table does not exist.
     pub async fn read(client: &Client, cfg: &Config) -> Result<Option<TableInfo>, SetupError> {
-        let table = cfg.table().expect("validated");
+        let table = cfg.table().clone();
         let p = &cfg.poll;
         let Some(row) = client
             .query_opt(
@@ -236,7 +236,7 @@ pub enum Check {
 /// when the table does not exist yet (`init` creates it from the shipped
 /// SQL with `columns`).
 pub fn checks(info: Option<&TableInfo>, cfg: &Config, role_sql: &str) -> Vec<(String, Check)> {
-    let table = cfg.table().expect("validated");
+    let table = cfg.table().clone();
     let p = &cfg.poll;
     let mut out = Vec::new();
     let label = |what: &str, name: &str| format!("{what} {name}");

@@ -136,6 +136,7 @@ impl Session<'_> {
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
         let records = Records::new(&cfg.outbox, self.metrics.clone(), self.carried.next_seq);
+        producer.ready().await?;
         if let Some(dlq) = records.dead_letter_topic() {
             producer.ensure_topic(dlq).await?;
         }
@@ -232,6 +233,9 @@ impl Session<'_> {
                 // The timer comes before the reports so a steady stream of
                 // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
+                    if let Err(e) = producer.check() {
+                        break Err(RelayError::Send(e));
+                    }
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     let requests = takes_requests.then_some(&mut *requests);

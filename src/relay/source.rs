@@ -98,7 +98,7 @@ pub(super) struct WalSource {
 
 impl WalSource {
     fn new(cfg: &Config, metrics: &Arc<Metrics>, opts: &RunOptions) -> WalSource {
-        let pg = cfg.postgres_config().expect("validated");
+        let pg = cfg.pg().clone();
         let confirms =
             cfg.sink.confirms() && opts.temporary_slot.is_none() && opts.replay_request.is_none();
         let poller = tokio::spawn(poll_slot(

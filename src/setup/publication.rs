@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use super::{check_row_filter, q, row_filter, SetupError};
 use crate::config::{quote_ident, Config, TableName};
-use crate::server::Server;
+use crate::setup::server::Server;
 
 /// `CREATE PUBLICATION` for the relay (inserts only), without `;`. A
 /// partitioned table is published through its root: rows of every partition,

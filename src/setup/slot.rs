@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use super::{check_layout, parse_lsn, q, SetupError};
 use crate::config::{quote_ident, quote_literal, Config};
 use crate::lsn::Lsn;
-use crate::server::Server;
+use crate::setup::server::Server;
 
 /// What the relay's last checkpoint says about a slot that is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub async fn slot_state(
             &format!(
                 "SELECT plugin::text, database::text, confirmed_flush_lsn::text, restart_lsn::text, wal_status, active_pid, {}
                  FROM pg_replication_slots WHERE slot_name = $1",
-                server.map_or(crate::server::NO_SLOT_COLUMNS, Server::slot_columns)
+                server.map_or(crate::setup::server::NO_SLOT_COLUMNS, Server::slot_columns)
             ),
             &[&slot],
         )

@@ -1,5 +1,5 @@
-//! Where records go: the seam every sink sits behind (today Kafka in
-//! `kafka`, and stdout as JSON lines in `stdout`).
+//! Where records go: the seam every sink sits behind (Kafka in `kafka`,
+//! Redis in `redis`, and stdout as JSON lines in `stdout`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -25,14 +25,17 @@ use tokio::sync::mpsc;
 
 use crate::ack::Seq;
 use crate::config::{Config, SinkKind};
-use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
+use kafka::Producer;
 
+pub mod kafka;
+pub mod redis;
 mod stdout;
 pub mod task;
 
+pub use redis::RedisSink;
 pub use stdout::{json_line, StdoutSink};
 
 /// The outcome of one record taken by [`Sink::send`].
@@ -123,6 +126,7 @@ impl SinkKind {
         match self {
             SinkKind::Kafka => "kafka",
             SinkKind::Stdout => "stdout",
+            SinkKind::Redis => "redis",
         }
     }
 }
@@ -130,6 +134,7 @@ impl SinkKind {
 pub enum Sink {
     Kafka(Producer),
     Stdout(StdoutSink),
+    Redis(RedisSink),
 }
 
 impl Sink {
@@ -147,13 +152,36 @@ impl Sink {
                 let (tx, rx) = mpsc::unbounded_channel();
                 Ok((Sink::Stdout(StdoutSink::new(tx)), rx))
             }
+            SinkKind::Redis => {
+                let (r, rx) = RedisSink::new(&cfg.redis, metrics)?;
+                Ok((Sink::Redis(r), rx))
+            }
         }
     }
 
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
-            Sink::Stdout(_) => Ok(()),
+            Sink::Stdout(_) | Sink::Redis(_) => Ok(()),
+        }
+    }
+
+    /// Waits until a sink that connects in the background is connected: the
+    /// session asks before it streams, so an unreachable destination is a
+    /// `Connect` error (retried, and `/readyz` says why).
+    pub async fn ready(&self) -> Result<(), SinkSetupError> {
+        match self {
+            Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
+            Sink::Redis(r) => r.ready().await,
+        }
+    }
+
+    /// `Unavailable` once the sink's connection is gone, also while nothing
+    /// is being sent (the session asks on every status tick).
+    pub fn check(&self) -> Result<(), SendError> {
+        match self {
+            Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
+            Sink::Redis(r) => r.check(),
         }
     }
 
@@ -161,6 +189,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.send(seq, commit_time, record),
             Sink::Stdout(s) => s.send(seq, record),
+            Sink::Redis(r) => r.send(seq, commit_time, record),
         }
     }
 
@@ -169,6 +198,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.fatal_error(),
             Sink::Stdout(_) => None,
+            Sink::Redis(r) => r.fatal_error(),
         }
     }
 
@@ -177,6 +207,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.queued(),
             Sink::Stdout(_) => 0,
+            Sink::Redis(r) => r.queued(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL and a real tansu broker (started
-//! by `harness`), plus librdkafka's MockCluster for broker fault injection.
+//! by `harness`), plus librdkafka's MockCluster for broker fault injection, and
+//! a real Redis server for the Redis sink.
 //! One test binary so that all tests share one PostgreSQL per major version
 //! (the default one for the full suite, 14/16/17/18 for `matrix`) and one broker.
 
@@ -24,6 +25,7 @@ mod metrics;
 mod mock_broker;
 mod partitioned;
 mod poll;
+mod redis;
 mod replay;
 mod sharding;
 mod shutdown;

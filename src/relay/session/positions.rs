@@ -13,8 +13,8 @@ use crate::lsn::Lsn;
 use crate::relay::plan::{JobProgress, Plan};
 use crate::relay::{Progress, RelayError, WindowKeeper};
 use crate::replication::StatusWriter;
-use crate::server::Server;
 use crate::setup;
+use crate::setup::server::Server;
 use crate::state::{Outcome, StateStore};
 use crate::transport::PgTarget;
 
@@ -107,7 +107,7 @@ impl Session<'_> {
             Some(start) => self.carried.acked.max(start),
             None => stored.max(self.carried.acked),
         };
-        if let (true, Some(w)) = (self.first && self.confirms, cfg.replay.window()) {
+        if let (true, Some(w)) = (self.first && self.confirms, cfg.window()) {
             let mut seed = Vec::new();
             if let Some(cp) = &checkpoint {
                 seed.extend(cp.window_samples.iter().copied());

@@ -13,6 +13,7 @@
 //! - `kafka`: reading records back
 //! - `poll`: configs for the polling mode, `init` in process
 //! - `scrape`: readings of a relay binary's `/metrics` over time (what a kill re-sends)
+//! - `redis`: the Redis server (shared, or of a test's own) and reading streams back
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -27,6 +28,7 @@ mod kafka;
 mod poll;
 mod postgres;
 mod process;
+pub mod redis;
 mod relay;
 mod scrape;
 mod servers;

@@ -21,7 +21,7 @@ use rdkafka::producer::{
 use tokio::sync::mpsc;
 
 use crate::ack::Seq;
-use crate::config::{property_value, KafkaConfig};
+use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
@@ -278,8 +278,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in DEFAULT_PROPERTIES {
         cc.set(*k, *v);
     }
-    for (k, v) in &cfg.properties {
-        cc.set(k, property_value(v).expect("validated"));
+    for (k, v) in cfg.property_strings() {
+        cc.set(k, v);
     }
     cc.set("bootstrap.servers", &cfg.brokers);
     cc
