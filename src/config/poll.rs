@@ -53,7 +53,8 @@ pub struct PollConfig {
     /// sent row; rows where it is NULL are unsent. `init` adds it. Default `sent_at`.
     pub sent_column: String,
     /// Most rows read by one poll, and most rows sent and not yet removed
-    /// (the in-flight bound is twice this). Default 1000 (1..=100000).
+    /// (the in-flight bound is twice this): the catch-up rate grows with it.
+    /// Default 5000 (1..=100000).
     pub batch_size: u32,
     /// Milliseconds between polls while rows keep arriving, and the first wait
     /// after an empty poll. Default 100.
@@ -77,7 +78,7 @@ impl Default for PollConfig {
             order_column: "relay_seq".into(),
             after_send: AfterSend::Delete,
             sent_column: "sent_at".into(),
-            batch_size: 1000,
+            batch_size: 5000,
             interval_ms: 100,
             max_interval_ms: 2000,
             notify: false,
@@ -190,7 +191,7 @@ mod tests {
         assert_eq!(c.source.kind, SourceKind::Poll);
         assert_eq!(c.poll.order_column, "relay_seq");
         assert_eq!(c.poll.after_send, AfterSend::Delete);
-        assert_eq!(c.poll.batch_size, 1000);
+        assert_eq!(c.poll.batch_size, 5000);
         assert_eq!((c.poll.interval_ms, c.poll.max_interval_ms), (100, 2000));
         assert!(!c.poll.notify);
         let c = parse("[source]\nkind = \"poll\"\n[poll]\nafter_send = \"mark\"\nnotify = true\n")

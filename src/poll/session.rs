@@ -79,6 +79,7 @@ pub(super) async fn run(
         }
         .into());
     }
+    query::plan_for_a_queue(&client).await?;
     if src.poll.notify {
         query::listen(&client, &src.table).await?;
     }
