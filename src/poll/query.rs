@@ -97,9 +97,9 @@ pub async fn holder(client: &Client, oid: u32) -> Result<Option<i32>, SetupError
 /// say: an outbox polled with deletes is nearly empty most of the time, so
 /// its statistics (after a vacuum, or on a new table) promise a tiny table and
 /// the planner picks a sequential scan and a sort, which reads every dead row
-/// version still in the heap on every poll (measured: 100-700 ms latency
-/// spikes at 5,000 rows/s on a new table). Only this connection's queries are
-/// affected.
+/// version still in the heap on every poll (measured at a 10 ms interval and
+/// 5,000 rows/s on a new table: p99 127-232 ms without this, 46-71 ms with
+/// it). Only this connection's queries are affected.
 pub async fn plan_for_a_queue(client: &Client) -> Result<(), SetupError> {
     client
         .batch_execute("SET enable_seqscan = off")
