@@ -11,10 +11,12 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+mod nats;
 mod outbox;
 mod replay;
 mod shard;
 use crate::transport::PgTarget;
+pub use nats::{NatsConfig, ENV_NATS_URL};
 pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
@@ -47,6 +49,8 @@ pub struct Config {
     pub sink: SinkConfig,
     #[serde(default)]
     pub shard: ShardConfig,
+    #[serde(default)]
+    pub nats: NatsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +409,7 @@ impl Config {
             cfg.kafka.brokers = b;
         }
         cfg.shard.resolve(&env)?;
+        cfg.nats.resolve(&env, cfg.sink.kind)?;
         cfg.validate()?;
         if cfg.shard.count > 1 && !cfg.outbox.messages_prefix.is_empty() {
             return Err(ConfigError::Conflict {

@@ -123,12 +123,14 @@ pub enum SinkKind {
     Kafka,
     /// Write one JSON line per record to stdout.
     Stdout,
+    /// Publish to NATS JetStream (`[nats]`).
+    Nats,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default) or `stdout`.
+    /// `kafka` (default), `stdout` or `nats`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -144,6 +146,7 @@ impl SinkConfig {
         match self.kind {
             SinkKind::Kafka => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
+            SinkKind::Nats => true,
         }
     }
 }
@@ -172,10 +175,10 @@ pub(super) fn validate(
     if let Some(w) = &replay.window {
         parse_window(w).map_err(|m| invalid("replay.window", m))?;
     }
-    if sink.kind == SinkKind::Kafka && sink.confirm == Some(false) {
+    if sink.kind != SinkKind::Stdout && sink.confirm == Some(false) {
         return Err(invalid(
             "sink.confirm",
-            "applies only to kind = \"stdout\"; the Kafka sink always confirms what the broker acknowledged",
+            "applies only to kind = \"stdout\"; the other sinks always confirm what the destination acknowledged",
         ));
     }
     Ok(())

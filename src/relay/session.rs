@@ -23,8 +23,8 @@ use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable, Record};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
-use crate::sink::DeliveryReport;
 use crate::sink::Sink;
+use crate::sink::{DeliveryReport, SendError};
 use crate::state::{Outcome, StateStore};
 
 mod events;
@@ -225,6 +225,12 @@ impl Session<'_> {
                 _ = ticker.tick() => {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
+                    // A sink whose connection died ends the session (and readiness
+                    // says why) also while no record is being sent.
+                    if let Some(error) = producer.fatal_error() {
+                        let sink = cfg.sink.kind.label();
+                        break Err(RelayError::Send(SendError::Unavailable { sink, error }));
+                    }
                     let requests = takes_requests.then_some(&mut *requests);
                     match self.on_tick(&mut s, &mut writer, requests).await {
                         Ok(Some(end)) => break Ok(end),

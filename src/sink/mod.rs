@@ -1,5 +1,5 @@
 //! Where records go: the seam every sink sits behind (today Kafka in
-//! `kafka`, and stdout as JSON lines in `stdout`).
+//! `kafka`, stdout as JSON lines in `stdout`, NATS JetStream in `nats`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -30,9 +30,11 @@ use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
 
+pub mod nats;
 mod stdout;
 pub mod task;
 
+pub use nats::NatsSink;
 pub use stdout::{json_line, StdoutSink};
 
 /// The outcome of one record taken by [`Sink::send`].
@@ -123,6 +125,7 @@ impl SinkKind {
         match self {
             SinkKind::Kafka => "kafka",
             SinkKind::Stdout => "stdout",
+            SinkKind::Nats => "nats",
         }
     }
 }
@@ -130,6 +133,7 @@ impl SinkKind {
 pub enum Sink {
     Kafka(Producer),
     Stdout(StdoutSink),
+    Nats(NatsSink),
 }
 
 impl Sink {
@@ -147,6 +151,10 @@ impl Sink {
                 let (tx, rx) = mpsc::unbounded_channel();
                 Ok((Sink::Stdout(StdoutSink::new(tx)), rx))
             }
+            SinkKind::Nats => {
+                let (s, rx) = NatsSink::new(&cfg.nats, metrics)?;
+                Ok((Sink::Nats(s), rx))
+            }
         }
     }
 
@@ -154,6 +162,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
             Sink::Stdout(_) => Ok(()),
+            Sink::Nats(s) => s.ensure_topic(topic).await,
         }
     }
 
@@ -161,6 +170,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.send(seq, commit_time, record),
             Sink::Stdout(s) => s.send(seq, record),
+            Sink::Nats(s) => s.send(seq, commit_time, record),
         }
     }
 
@@ -169,6 +179,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.fatal_error(),
             Sink::Stdout(_) => None,
+            Sink::Nats(s) => s.fatal_error(),
         }
     }
 
@@ -177,6 +188,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.queued(),
             Sink::Stdout(_) => 0,
+            Sink::Nats(s) => s.queued(),
         }
     }
 }
