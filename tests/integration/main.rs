@@ -22,6 +22,7 @@ mod logical_messages;
 mod matrix;
 mod metrics;
 mod mock_broker;
+mod nats;
 mod partitioned;
 mod replay;
 mod sharding;

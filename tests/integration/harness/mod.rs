@@ -11,6 +11,7 @@
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
+//! - `nats`: nats-server with JetStream (shared, or of a test's own), streams read back
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -22,6 +23,7 @@ use outbox_relay::lsn::Lsn;
 mod case;
 mod cluster;
 mod kafka;
+pub mod nats;
 mod postgres;
 mod process;
 mod relay;
