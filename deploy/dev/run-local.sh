@@ -3,6 +3,10 @@
 # broker, starting both if they are not already listening:
 #   deploy/dev/run-local.sh          start what is missing, apply sql/, run the relay
 #   deploy/dev/run-local.sh stop     stop the PostgreSQL and tansu this script started
+#   deploy/dev/run-local.sh --sink nats
+#                                    the same with NATS JetStream instead of Kafka:
+#                                    nats-server -js on 127.0.0.1:${NATS_PORT:-4222}
+#                                    (storage in .local/nats), stream OUTBOX
 #
 # PostgreSQL listens on 127.0.0.1:${PGPORT:-54329} (data in .local/pg, trust auth: for
 # development only), the broker on 127.0.0.1:${KAFKA_PORT:-9092} (tansu, in memory).
@@ -14,6 +18,16 @@ ROOT=$PWD
 STATE="$ROOT/.local"
 PGPORT=${PGPORT:-54329}
 KAFKA_PORT=${KAFKA_PORT:-9092}
+NATS_PORT=${NATS_PORT:-4222}
+SINK=kafka
+if [ "${1:-}" = --sink ]; then
+  SINK=${2:?"usage: $0 [stop | --sink kafka|nats]"}
+  shift 2
+fi
+case "$SINK" in
+  kafka | nats) ;;
+  *) echo "run-local: unknown sink $SINK (kafka, nats)" >&2; exit 2 ;;
+esac
 mkdir -p "$STATE"
 
 log() { echo "run-local: $*" >&2; }
@@ -24,6 +38,7 @@ pgbin() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1; }
 if [ "${1:-}" = stop ]; then
   [ -f "$STATE/pg/data/postmaster.pid" ] && as_pg "$(pgbin)/pg_ctl" -D "$STATE/pg/data" -m fast stop || true
   [ -f "$STATE/tansu.pid" ] && kill "$(cat "$STATE/tansu.pid")" 2>/dev/null && rm -f "$STATE/tansu.pid" || true
+  [ -f "$STATE/nats.pid" ] && kill "$(cat "$STATE/nats.pid")" 2>/dev/null && rm -f "$STATE/nats.pid" || true
   log "stopped"
   exit 0
 fi
@@ -33,7 +48,7 @@ TANSU=$(deploy/dev/install-deps.sh local | tail -n 1)
 BIN=$(pgbin)
 # Built before anything is announced, so the slot exists before the first insert.
 log "building the relay and the example consumer (release; a few minutes the first time)"
-cargo build --release --locked --bin outbox-relay --example consume
+cargo build --release --locked --bin outbox-relay --example consume --example nats_tail
 
 if ! listening "$PGPORT"; then
   if [ ! -f "$STATE/pg/data/PG_VERSION" ]; then
@@ -47,7 +62,7 @@ if ! listening "$PGPORT"; then
     "-p $PGPORT -k $STATE/pg -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10" >/dev/null
 fi
 
-if ! listening "$KAFKA_PORT"; then
+if [ "$SINK" = kafka ] && ! listening "$KAFKA_PORT"; then
   log "starting tansu on 127.0.0.1:$KAFKA_PORT"
   nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
@@ -69,17 +84,44 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 create_topics = true
 TOML
 
+READ="target/release/examples/consume 127.0.0.1:$KAFKA_PORT outbox.event.order"
+DEST="broker 127.0.0.1:$KAFKA_PORT"
+case "$SINK" in
+  nats)
+    if ! listening "$NATS_PORT"; then
+      command -v nats-server >/dev/null || { log "nats-server is missing: apt-get install nats-server"; exit 1; }
+      log "starting nats-server (JetStream) on 127.0.0.1:$NATS_PORT"
+      mkdir -p "$STATE/nats"
+      nohup nats-server -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$STATE/nats.log" 2>&1 &
+      echo $! >"$STATE/nats.pid"
+      for _ in $(seq 100); do listening "$NATS_PORT" && break; sleep 0.1; done
+    fi
+    cat >>"$STATE/relay.toml" <<TOML
+
+[sink]
+kind = "nats"
+
+[nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+# Development only: the relay creates stream OUTBOX with every subject it publishes to.
+create_stream = true
+TOML
+    READ="target/release/examples/nats_tail nats://127.0.0.1:$NATS_PORT OUTBOX"
+    DEST="NATS nats://127.0.0.1:$NATS_PORT (stream OUTBOX)"
+    ;;
+esac
+
 RELAY=target/release/outbox-relay
 # The publication and slot now: rows inserted from here on are relayed.
 "$RELAY" init --config "$STATE/relay.toml" >&2
 
 cat >&2 <<TXT
 
-run-local: PostgreSQL $URL, broker 127.0.0.1:$KAFKA_PORT, config $STATE/relay.toml
+run-local: PostgreSQL $URL, $DEST, config $STATE/relay.toml
 run-local: in another terminal, insert an event:
   psql "$URL" -c "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'order-1', 'OrderPlaced', '{\"total\": 42}')"
 run-local: and watch it arrive:
-  target/release/examples/consume 127.0.0.1:$KAFKA_PORT outbox.event.order
+  $READ
 run-local: the slot's progress: $RELAY status --config $STATE/relay.toml
 run-local: stop the relay with Ctrl-C; stop the servers with: deploy/dev/run-local.sh stop
 

@@ -127,6 +127,7 @@ impl Session<'_> {
             (cfg.postgres.slot.clone(), Some(slot), plan, store)
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+        producer.ready().await?;
         if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
             producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
         }

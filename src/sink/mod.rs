@@ -158,6 +158,16 @@ impl Sink {
         }
     }
 
+    /// Waits until the sink's connection is up (sinks that connect at once
+    /// or lazily say Ok): a session starts only with a usable sink, and
+    /// readiness names what is wrong with it.
+    pub async fn ready(&mut self) -> Result<(), SinkSetupError> {
+        match self {
+            Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
+            Sink::Nats(s) => s.ready().await,
+        }
+    }
+
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,

@@ -121,43 +121,13 @@ impl NatsSink {
         ))
     }
 
-    /// Waits until the connection is up (the first time), then with
-    /// `nats.create_stream` makes sure the stream captures `topic`.
+    /// With `nats.create_stream`, makes sure the stream captures `topic`
+    /// (once per subject); waits for the connection first.
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         if self.ensured.contains(topic) {
             return Ok(());
         }
-        let conn = match self.conn.wait_for(|c| !matches!(c, Conn::Connecting)).await {
-            Ok(c) => c.clone(),
-            Err(_) => Conn::Failed {
-                error: self
-                    .task
-                    .fatal_error()
-                    .unwrap_or_else(|| "the connection task stopped".into()),
-                config: false,
-            },
-        };
-        let ctx = match conn {
-            Conn::Up(ctx) => ctx,
-            Conn::Failed {
-                error,
-                config: true,
-            } => {
-                return Err(SinkSetupError::Config {
-                    sink: SINK,
-                    message: error,
-                })
-            }
-            Conn::Failed { error, .. } => {
-                return Err(SinkSetupError::Connect { sink: SINK, error })
-            }
-            Conn::Connecting => {
-                return Err(SinkSetupError::Connect {
-                    sink: SINK,
-                    error: "still connecting".into(),
-                })
-            }
-        };
+        let ctx = self.connected().await?;
         if let Some(s) = &self.create {
             ensure_stream(&ctx, s, topic)
                 .await
@@ -168,6 +138,40 @@ impl NatsSink {
         }
         self.ensured.insert(topic.to_string());
         Ok(())
+    }
+
+    /// Waits until the first connection is up, or says why it failed:
+    /// `Config` for what the user must fix (credentials, TLS), else `Connect`.
+    pub async fn ready(&mut self) -> Result<(), SinkSetupError> {
+        self.connected().await.map(|_| ())
+    }
+
+    async fn connected(&mut self) -> Result<jetstream::Context, SinkSetupError> {
+        let conn = match self.conn.wait_for(|c| !matches!(c, Conn::Connecting)).await {
+            Ok(c) => c.clone(),
+            Err(_) => Conn::Failed {
+                error: self
+                    .task
+                    .fatal_error()
+                    .unwrap_or_else(|| "the connection task stopped".into()),
+                config: false,
+            },
+        };
+        match conn {
+            Conn::Up(ctx) => Ok(ctx),
+            Conn::Failed {
+                error,
+                config: true,
+            } => Err(SinkSetupError::Config {
+                sink: SINK,
+                message: error,
+            }),
+            Conn::Failed { error, .. } => Err(SinkSetupError::Connect { sink: SINK, error }),
+            Conn::Connecting => Err(SinkSetupError::Connect {
+                sink: SINK,
+                error: "still connecting".into(),
+            }),
+        }
     }
 
     /// Takes a record, or refuses one JetStream could never store (too large
@@ -457,11 +461,17 @@ impl Publisher {
         let client = match self.connect(events.clone()).await {
             Ok(c) => c,
             Err(failed) => {
-                let why = match &failed {
-                    Conn::Failed { error, .. } => error.clone(),
-                    _ => String::new(),
+                let (why, config) = match &failed {
+                    Conn::Failed { error, config } => (error.clone(), *config),
+                    Conn::Connecting | Conn::Up(_) => (String::new(), false),
                 };
                 self.conn.send_replace(failed);
+                if config {
+                    // Credentials or TLS the user must fix: `ready` says so and
+                    // the relay stops (exit 2). A task that ended would make the
+                    // run loop take the sink for broken and retry instead.
+                    std::future::pending::<()>().await;
+                }
                 return Err(format!("cannot connect to NATS: {why}"));
             }
         };

@@ -543,6 +543,38 @@ async fn nats_subject_without_a_stream_is_named_with_the_fix_and_delivered_once_
     assert_exactly_once_in_order(&msgs, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_from_the_url_and_wrong_ones_stop_with_exit_2() {
+    let tc = TestCase::new("nats_auth").await;
+    let server = NatsServer::start_with(&["--user", "relay", "--pass", "s3cret"]);
+    let good = format!("nats://relay:s3cret@127.0.0.1:{}", server.port);
+    create_stream(&good, "nats_auth", &[tc.topic("evt")], -1).await;
+
+    let wrong = format!("nats://relay:wrong@127.0.0.1:{}", server.port);
+    let err = spawn_relay(nats_config(&tc, &wrong, ""))
+        .join()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("check the credentials in nats.url"), "{text}");
+    assert!(!text.contains("wrong@"), "the URL is never printed: {text}");
+    assert!(
+        err.is_fatal() && err.disposition().exit_code() == 2,
+        "{err:?}"
+    );
+
+    let relay = start_relay(nats_config(&tc, &good, "")).await;
+    let db = tc.s.sql().await;
+    insert_rows(&db, &tc.table, "evt", 0, 5).await;
+    let end = wal_insert_lsn(&db).await;
+    eventually(30, "delivered with the URL's credentials", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    relay.stop().await.unwrap();
+    assert_exactly_once_in_order(&read_stream(&good, "nats_auth", 5).await, 5);
+}
+
 #[tokio::test]
 async fn nats_check_config_refuses_a_nats_sink_without_a_server() {
     let tc_text =

@@ -23,21 +23,24 @@ pub fn nats_server_bin() -> PathBuf {
         .expect("nats-server not found: run deploy/dev/install-deps.sh (Debian's nats-server) or set NATS_SERVER_BIN")
 }
 
-/// Starts a JetStream server on `port` storing in `dir`, under a watchdog.
-/// `cleanup` runs once it stopped (the shared server removes its storage).
-fn start_nats(port: u16, dir: &std::path::Path, cleanup: &str) -> Watchdog {
+/// Starts a JetStream server on `port` storing in `dir`, with `extra`
+/// arguments, under a watchdog. `cleanup` runs once it stopped (the shared
+/// server removes its storage).
+fn start_nats(port: u16, dir: &std::path::Path, extra: &[String], cleanup: &str) -> Watchdog {
     let log = std::env::temp_dir().join(format!("outbox-relay-nats-{port}.log"));
+    let mut args: Vec<String> = vec![
+        "-js".into(),
+        "-sd".into(),
+        dir.display().to_string(),
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend_from_slice(extra);
     let server = supervise(
         &nats_server_bin(),
-        &[
-            "-js".into(),
-            "-sd".into(),
-            dir.display().to_string(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-        ],
+        &args,
         "TERM",
         &format!("rm -f '{}'; {cleanup}", log.display()),
         None,
@@ -56,7 +59,7 @@ pub fn shared_nats() -> &'static str {
             let port = free_port();
             let dir = std::env::temp_dir().join(format!("outbox-relay-nats-js-{port}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let w = start_nats(port, &dir, &format!("rm -rf '{}'", dir.display()));
+            let w = start_nats(port, &dir, &[], &format!("rm -rf '{}'", dir.display()));
             (format!("nats://127.0.0.1:{port}"), Mutex::new(w))
         })
         .0
@@ -67,17 +70,25 @@ pub fn shared_nats() -> &'static str {
 pub struct NatsServer {
     pub port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
     watchdog: Option<Watchdog>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// With more `nats-server` arguments (`--user`, `--pass`, ...).
+    pub fn start_with(extra: &[&str]) -> NatsServer {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let watchdog = Some(start_nats(port, dir.path(), ""));
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let watchdog = Some(start_nats(port, dir.path(), &extra, ""));
         NatsServer {
             port,
             dir,
+            extra,
             watchdog,
         }
     }
@@ -97,7 +108,7 @@ impl NatsServer {
     /// Starts it again on the same port and storage.
     pub fn start_again(&mut self) {
         self.stop();
-        self.watchdog = Some(start_nats(self.port, self.dir.path(), ""));
+        self.watchdog = Some(start_nats(self.port, self.dir.path(), &self.extra, ""));
     }
 }
 
@@ -107,10 +118,18 @@ impl Drop for NatsServer {
     }
 }
 
+/// A client of `url`; `user:password@` in it is used (async-nats 0.46 itself ignores it).
 pub async fn nats_client(url: &str) -> async_nats::Client {
+    let addr: async_nats::ServerAddr = url.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match async_nats::connect(url).await {
+        let opts = match (addr.username(), addr.password()) {
+            (Some(u), Some(p)) => {
+                async_nats::ConnectOptions::with_user_and_password(u.into(), p.into())
+            }
+            _ => async_nats::ConnectOptions::new(),
+        };
+        match opts.connect(addr.clone()).await {
             Ok(c) => return c,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("connecting to {url}: {e}");
