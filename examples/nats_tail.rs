@@ -10,14 +10,21 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(stream)) = (args.next(), args.next()) else {
         eprintln!("usage: nats_tail URL STREAM");
         std::process::exit(2);
     };
-    let js = jetstream::new(async_nats::connect(&url).await?);
-    let mut s = js.get_stream(&stream).await?;
+    if let Err(e) = tail(&url, &stream).await {
+        eprintln!("nats_tail: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn tail(url: &str, stream: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let js = jetstream::new(async_nats::connect(url).await?);
+    let mut s = js.get_stream(stream).await?;
     let mut seq = s.info().await?.state.first_sequence.max(1);
     loop {
         let last = s.info().await?.state.last_sequence;
