@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::GetStreamErrorKind;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -24,7 +25,23 @@ async fn main() {
 
 async fn tail(url: &str, stream: &str) -> Result<(), Box<dyn std::error::Error>> {
     let js = jetstream::new(async_nats::connect(url).await?);
-    let mut s = js.get_stream(stream).await?;
+    // With `nats.create_stream` the stream appears with the first record.
+    let mut waiting = false;
+    let mut s = loop {
+        match js.get_stream(stream).await {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                if !std::mem::replace(&mut waiting, true) {
+                    eprintln!("nats_tail: waiting for stream {stream:?} to exist");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let mut seq = s.info().await?.state.first_sequence.max(1);
     loop {
         let last = s.info().await?.state.last_sequence;
