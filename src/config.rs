@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 mod outbox;
+mod rabbitmq;
 mod replay;
 mod shard;
 use crate::transport::PgTarget;
@@ -19,6 +20,7 @@ pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
 };
+pub use rabbitmq::{ExchangeType, RabbitMqConfig, TlsFiles, ENV_RABBITMQ_URL};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub sink: SinkConfig,
     #[serde(default)]
     pub shard: ShardConfig,
+    #[serde(default)]
+    pub rabbitmq: RabbitMqConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -405,6 +409,7 @@ impl Config {
             cfg.kafka.brokers = b;
         }
         cfg.shard.resolve(&env)?;
+        cfg.rabbitmq.resolve(&env, cfg.sink.kind)?;
         cfg.validate()?;
         if cfg.shard.count > 1 && !cfg.outbox.messages_prefix.is_empty() {
             return Err(ConfigError::Conflict {

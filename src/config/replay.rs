@@ -123,12 +123,15 @@ pub enum SinkKind {
     Kafka,
     /// Write one JSON line per record to stdout.
     Stdout,
+    /// Publish to a RabbitMQ exchange (`[rabbitmq]`).
+    #[serde(rename = "rabbitmq")]
+    RabbitMq,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default) or `stdout`.
+    /// `kafka` (default), `stdout` or `rabbitmq`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -142,7 +145,7 @@ impl SinkConfig {
     /// Whether acknowledged positions are confirmed to the slot and checkpointed.
     pub fn confirms(&self) -> bool {
         match self.kind {
-            SinkKind::Kafka => true,
+            SinkKind::Kafka | SinkKind::RabbitMq => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
         }
     }
@@ -172,10 +175,10 @@ pub(super) fn validate(
     if let Some(w) = &replay.window {
         parse_window(w).map_err(|m| invalid("replay.window", m))?;
     }
-    if sink.kind == SinkKind::Kafka && sink.confirm == Some(false) {
+    if sink.kind != SinkKind::Stdout && sink.confirm == Some(false) {
         return Err(invalid(
             "sink.confirm",
-            "applies only to kind = \"stdout\"; the Kafka sink always confirms what the broker acknowledged",
+            "applies only to kind = \"stdout\"; the other sinks always confirm what the destination acknowledged",
         ));
     }
     Ok(())
@@ -225,5 +228,6 @@ mod tests {
         assert!(sink(SinkKind::Kafka, None).confirms());
         assert!(!sink(SinkKind::Stdout, None).confirms());
         assert!(sink(SinkKind::Stdout, Some(true)).confirms());
+        assert!(sink(SinkKind::RabbitMq, None).confirms());
     }
 }

@@ -130,6 +130,7 @@ impl Session<'_> {
         if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
             producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
         }
+        producer.ready().await?;
         let start = match self.opts.start_lsn {
             Some(start) if self.first => start,
             _ => Lsn::ZERO,
@@ -226,10 +227,13 @@ impl Session<'_> {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     let requests = takes_requests.then_some(&mut *requests);
-                    match self.on_tick(&mut s, &mut writer, requests).await {
-                        Ok(Some(end)) => break Ok(end),
-                        Ok(None) => Ok(()),
-                        Err(e) => Err(e),
+                    match producer.check() {
+                        Err(e) => Err(RelayError::Send(e)),
+                        Ok(()) => match self.on_tick(&mut s, &mut writer, requests).await {
+                            Ok(Some(end)) => break Ok(end),
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        },
                     }
                 }
                 // Before the reports too, for the same reason.

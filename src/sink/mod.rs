@@ -1,5 +1,5 @@
 //! Where records go: the seam every sink sits behind (today Kafka in
-//! `kafka`, and stdout as JSON lines in `stdout`).
+//! `kafka`, RabbitMQ in `rabbitmq`, and stdout as JSON lines in `stdout`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -30,9 +30,11 @@ use crate::metrics::Metrics;
 use crate::outbox::Record;
 use crate::pgoutput::Timestamp;
 
+pub mod rabbitmq;
 mod stdout;
 pub mod task;
 
+pub use rabbitmq::RabbitMqSink;
 pub use stdout::{json_line, StdoutSink};
 
 /// The outcome of one record taken by [`Sink::send`].
@@ -123,6 +125,7 @@ impl SinkKind {
         match self {
             SinkKind::Kafka => "kafka",
             SinkKind::Stdout => "stdout",
+            SinkKind::RabbitMq => "rabbitmq",
         }
     }
 }
@@ -130,6 +133,7 @@ impl SinkKind {
 pub enum Sink {
     Kafka(Producer),
     Stdout(StdoutSink),
+    RabbitMq(RabbitMqSink),
 }
 
 impl Sink {
@@ -147,13 +151,36 @@ impl Sink {
                 let (tx, rx) = mpsc::unbounded_channel();
                 Ok((Sink::Stdout(StdoutSink::new(tx)), rx))
             }
+            SinkKind::RabbitMq => {
+                let (s, rx) = RabbitMqSink::new(&cfg.rabbitmq, metrics)?;
+                Ok((Sink::RabbitMq(s), rx))
+            }
+        }
+    }
+
+    /// Waits until the sink can take records, before a session streams
+    /// (RabbitMQ: its task connected; `Connect` says why not).
+    pub async fn ready(&mut self) -> Result<(), SinkSetupError> {
+        match self {
+            Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
+            Sink::RabbitMq(s) => s.ready().await,
+        }
+    }
+
+    /// Checked on every status tick: `Unavailable` once the sink's connection
+    /// is gone, so a session ends (and `/readyz` turns) even while idle.
+    pub fn check(&self) -> Result<(), SendError> {
+        match self {
+            Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
+            Sink::RabbitMq(s) => s.check(),
         }
     }
 
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
-            Sink::Stdout(_) => Ok(()),
+            // Routing keys need no creating; an unroutable record comes back per record.
+            Sink::Stdout(_) | Sink::RabbitMq(_) => Ok(()),
         }
     }
 
@@ -161,6 +188,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.send(seq, commit_time, record),
             Sink::Stdout(s) => s.send(seq, record),
+            Sink::RabbitMq(s) => s.send(seq, commit_time, record),
         }
     }
 
@@ -169,6 +197,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.fatal_error(),
             Sink::Stdout(_) => None,
+            Sink::RabbitMq(s) => s.fatal_error(),
         }
     }
 
@@ -177,6 +206,7 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.queued(),
             Sink::Stdout(_) => 0,
+            Sink::RabbitMq(s) => s.queued(),
         }
     }
 }
