@@ -198,7 +198,12 @@ impl RabbitMqConfig {
         let tls_set = self.tls_ca_file.is_some()
             || self.tls_cert_file.is_some()
             || self.tls_key_file.is_some();
-        if tls_set && self.uri.as_ref().is_some_and(|u| u.scheme != AMQPScheme::AMQPS) {
+        if tls_set
+            && self
+                .uri
+                .as_ref()
+                .is_some_and(|u| u.scheme != AMQPScheme::AMQPS)
+        {
             return Err(ConfigError::Conflict {
                 message: "rabbitmq.tls_* files apply to amqps:// URLs only; use amqps:// in rabbitmq.url or remove them".into(),
             });
@@ -312,7 +317,11 @@ mod tests {
         ] {
             let u = parse_url(url).unwrap();
             assert_eq!(
-                (u.authority.host.as_str(), u.authority.port, u.vhost.as_str()),
+                (
+                    u.authority.host.as_str(),
+                    u.authority.port,
+                    u.vhost.as_str()
+                ),
                 (host, port, vhost),
                 "{url}"
             );
@@ -339,20 +348,56 @@ mod tests {
     #[test]
     fn bad_sections_name_the_key_and_the_fix_and_never_the_password() {
         for (text, expected) in [
-            ("", "rabbitmq.url is missing: sink.kind = \"rabbitmq\" needs"),
-            ("url = \"http://u:s3cret@h\"\n", "invalid rabbitmq.url: is not an AMQP URL"),
-            ("url = \"amqp://u:s3cret@h:99999\"\n", "invalid rabbitmq.url"),
-            ("url = \"amqp://u:s3cret@h\"\nexchange = \"a b\"\n", "rabbitmq.exchange"),
-            ("url = \"amqp://u:s3cret@h\"\nexchange = \"amq.topic\"\ndeclare = true\n", "set declare = false"),
-            ("url = \"amqp://u:s3cret@h\"\nmax_in_flight = 0\n", "rabbitmq.max_in_flight"),
-            ("url = \"amqp://u:s3cret@h\"\nmax_message_bytes = 0\n", "rabbitmq.max_message_bytes"),
-            ("url = \"amqp://u:s3cret@h\"\ntls_ca_file = \"/x.pem\"\n", "use amqps://"),
-            ("url = \"amqps://u:s3cret@h\"\ntls_cert_file = \"/x.pem\"\n", "set both or neither"),
-            ("url = \"amqps://u:s3cret@h\"\ntls_ca_file = \"/nonexistent.pem\"\n", "cannot read \"/nonexistent.pem\""),
-            ("url_file = \"/nonexistent/url\"\n", "rabbitmq.url_file: cannot read"),
+            (
+                "",
+                "rabbitmq.url is missing: sink.kind = \"rabbitmq\" needs",
+            ),
+            (
+                "url = \"http://u:s3cret@h\"\n",
+                "invalid rabbitmq.url: is not an AMQP URL",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h:99999\"\n",
+                "invalid rabbitmq.url",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h\"\nexchange = \"a b\"\n",
+                "rabbitmq.exchange",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h\"\nexchange = \"amq.topic\"\ndeclare = true\n",
+                "set declare = false",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h\"\nmax_in_flight = 0\n",
+                "rabbitmq.max_in_flight",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h\"\nmax_message_bytes = 0\n",
+                "rabbitmq.max_message_bytes",
+            ),
+            (
+                "url = \"amqp://u:s3cret@h\"\ntls_ca_file = \"/x.pem\"\n",
+                "use amqps://",
+            ),
+            (
+                "url = \"amqps://u:s3cret@h\"\ntls_cert_file = \"/x.pem\"\n",
+                "set both or neither",
+            ),
+            (
+                "url = \"amqps://u:s3cret@h\"\ntls_ca_file = \"/nonexistent.pem\"\n",
+                "cannot read \"/nonexistent.pem\"",
+            ),
+            (
+                "url_file = \"/nonexistent/url\"\n",
+                "rabbitmq.url_file: cannot read",
+            ),
         ] {
             let err = resolve(text, &[]).expect_err(text).to_string();
-            assert!(err.contains(expected), "{text:?}: {err:?} lacks {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{text:?}: {err:?} lacks {expected:?}"
+            );
             assert!(!err.contains("s3cret"), "password leaked: {err}");
         }
     }

@@ -68,7 +68,7 @@ struct Settings {
     declare: Option<ExchangeKind>,
     max_in_flight: usize,
     connect_timeout: Duration,
-    /// `host:port/vhost`, for messages.
+    /// `host:port (vhost "v")`, for messages (never the credentials).
     address: String,
 }
 
@@ -76,7 +76,9 @@ impl Settings {
     fn new(cfg: &RabbitMqConfig) -> Result<Settings, SinkSetupError> {
         let uri = cfg.uri.clone().ok_or_else(|| SinkSetupError::Config {
             sink: SINK,
-            message: "rabbitmq.url is missing; set it, rabbitmq.url_file or OUTBOX_RELAY_RABBITMQ_URL".into(),
+            message:
+                "rabbitmq.url is missing; set it, rabbitmq.url_file or OUTBOX_RELAY_RABBITMQ_URL"
+                    .into(),
         })?;
         let identity = match (&cfg.tls.cert_pem, &cfg.tls.key_pem) {
             (Some(pem), Some(key)) => Some(OwnedIdentity::PKCS8 {
@@ -92,7 +94,7 @@ impl Settings {
             ExchangeType::Headers => ExchangeKind::Headers,
         });
         let address = format!(
-            "{}:{}/{}",
+            "{}:{} (vhost {:?})",
             uri.authority.host, uri.authority.port, uri.vhost
         );
         Ok(Settings {
@@ -190,7 +192,10 @@ fn refusal(record: &Record, max_bytes: usize) -> Option<(&'static str, String)> 
     if record.topic.len() > MAX_SHORT {
         return Some((
             "rejected",
-            format!("the routing key (the topic) is {} bytes, AMQP allows {MAX_SHORT}", record.topic.len()),
+            format!(
+                "the routing key (the topic) is {} bytes, AMQP allows {MAX_SHORT}",
+                record.topic.len()
+            ),
         ));
     }
     if let Some((name, _)) = record.headers.iter().find(|(n, _)| n.len() > MAX_SHORT) {
@@ -328,7 +333,7 @@ async fn open(s: &Settings) -> Result<(Connection, Channel), String> {
     let props = ConnectionProperties::default().with_connection_name("outbox-relay".into());
     let conn = Connection::connect_uri_with_config(s.uri.clone(), props, s.tls.clone(), runtime)
         .await
-        .map_err(|e| format!("{} at {}{}", e, s.address, connect_hint(&e)))?;
+        .map_err(|e| format!("{}: {e}{}", s.address, connect_hint(&e)))?;
     let channel = conn
         .create_channel()
         .await
@@ -534,7 +539,10 @@ fn is_returned(record: &Record, msg: &BasicReturnMessage) -> bool {
     let d = &msg.delivery;
     d.routing_key.as_str() == record.topic
         && d.data == body(record)
-        && d.properties.message_id().as_ref().map(|m| m.as_str().as_bytes())
+        && d.properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().as_bytes())
             == record.header("id").map(|v| &v[..])
 }
 
@@ -566,7 +574,10 @@ mod tests {
                 ("id".into(), Bytes::from_static(b"e-1")),
                 ("bin".into(), Bytes::from_static(&[0xff, 0x00])),
                 ("id".into(), Bytes::from_static(b"e-2")),
-                ("content-type".into(), Bytes::from_static(b"application/json")),
+                (
+                    "content-type".into(),
+                    Bytes::from_static(b"application/json"),
+                ),
             ],
             partition: None,
             timestamp_ms: Some(1_700_000_000_123),

@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL and a real tansu broker (started
-//! by `harness`), plus librdkafka's MockCluster for broker fault injection.
+//! by `harness`), plus librdkafka's MockCluster for broker fault injection, and
+//! the RabbitMQ sink against a real RabbitMQ.
 //! One test binary so that all tests share one PostgreSQL per major version
 //! (the default one for the full suite, 14/16/17/18 for `matrix`) and one broker.
 
@@ -23,6 +24,7 @@ mod matrix;
 mod metrics;
 mod mock_broker;
 mod partitioned;
+mod rabbitmq;
 mod replay;
 mod sharding;
 mod shutdown;
