@@ -290,14 +290,37 @@ async fn run(
     };
     link.send_replace(Link::Up);
     tracing::info!(server = %s.address, exchange = %s.exchange, "connected to RabbitMQ");
-    let mut next: Vec<Item> = Vec::new();
+    let mut next = Vec::new();
+    let result = publish_loop(&s, &conn, &channel, &mut rx, &reporter, &mut next).await;
+    if let Err(why) = &result {
+        // What the task still holds fails with it, so the session ends at once
+        // instead of waiting for reports that cannot come.
+        rx.close();
+        while let Ok(item) = rx.try_recv() {
+            next.push(item);
+        }
+        fail_all(&reporter, next, why);
+    }
+    result
+}
+
+/// Publishes batch after batch (gathering the next into `next` meanwhile)
+/// until the connection fails; a failed batch is reported here.
+async fn publish_loop(
+    s: &Settings,
+    conn: &Connection,
+    channel: &Channel,
+    rx: &mut mpsc::Receiver<Item>,
+    reporter: &Reporter,
+    next: &mut Vec<Item>,
+) -> Result<(), String> {
     let mut next_bytes = 0usize;
     let mut batch: Vec<Entry> = Vec::new();
     let mut check = tokio::time::interval(LINK_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if batch.is_empty() && !next.is_empty() {
-            batch = publish(&channel, &s, std::mem::take(&mut next), &reporter).await?;
+            batch = publish(channel, s, std::mem::take(next), reporter).await?;
             next_bytes = 0;
         }
         let room =
@@ -305,7 +328,7 @@ async fn run(
         tokio::select! {
             biased;
             () = confirmed(&mut batch), if !batch.is_empty() => {
-                settle(std::mem::take(&mut batch), &reporter, &s)?;
+                settle(std::mem::take(&mut batch), reporter, s)?;
             }
             item = rx.recv(), if room => match item {
                 Some(item) => {
@@ -317,10 +340,12 @@ async fn run(
             },
             _ = check.tick() => {
                 if !conn.status().connected() || !channel.status().connected() {
-                    return Err(format!(
+                    let why = format!(
                         "the connection to {} closed (server stopped, restarted or unreachable)",
                         s.address
-                    ));
+                    );
+                    fail_all(reporter, batch.into_iter().map(|e| e.item), &why);
+                    return Err(why);
                 }
             }
         }
@@ -515,10 +540,14 @@ fn settle(batch: Vec<Entry>, reporter: &Reporter, s: &Settings) -> Result<(), St
             (None, Ok(true)) => reporter.acked(&item),
             (None, Ok(false)) => {
                 let why = format!(
-                    "RabbitMQ at {} nacked the message (it could not store it: a queue's overflow = reject-publish, or an internal error)",
+                    "nacked by {}: the server could not take the message (a queue with overflow = reject-publish is full, or an internal error)",
                     s.address
                 );
-                fail_all(reporter, std::iter::once(item), &why);
+                fail_all(
+                    reporter,
+                    std::iter::once(item).chain(rest.map(|((i, _), _)| i)),
+                    &why,
+                );
                 return Err(why);
             }
             (None, Err(why)) => {

@@ -307,18 +307,46 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
     let queue = queue_for_all(&tc, &mq.url()).await;
     let relay = start_relay(config(&tc, &mq.url())).await;
     let db = tc.s.sql().await;
-
-    let first = write_rows(&db, &tc.table, 0, 300).await;
+    let first = write_rows(&db, &tc.table, 0, 100).await;
     eventually(60, "the first rows confirmed", || async {
         tc.confirmed().await >= first
     })
     .await;
+
+    // A connection lost while idle ends the session too (nothing to send).
+    let reconnects = relay.metrics.reconnects.get();
+    tokio::task::block_in_place(|| mq.ctl(&["close_all_connections", "test"]));
+    eventually(30, "the idle session noticed and reconnected", || async {
+        relay.metrics.reconnects.get() > reconnects && relay.metrics.is_active()
+    })
+    .await;
+
+    // A steady writer across the stop and the start.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, table) = (stop.clone(), tc.table.clone());
+        tokio::spawn(async move {
+            let db = servers().sql().await;
+            let mut next = 100i64;
+            while !stop.load(Ordering::Relaxed) {
+                let n = 1 + next % 9;
+                insert_rows(&db, &table, "evt", next, n).await;
+                next += n;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            next
+        })
+    };
+    let before = tc.confirmed().await;
+    eventually(30, "progress with the writer", || async {
+        tc.confirmed().await > before
+    })
+    .await;
     tokio::task::block_in_place(|| mq.stop());
     let stopped = Instant::now();
-    // Everything committed from here on waits for the server.
+    // Rows committed from here on cannot have been confirmed by RabbitMQ.
     let held = wal_insert_lsn(&db).await;
-    write_rows(&db, &tc.table, 300, 300).await;
-    eventually(30, "readiness names the lost connection", || async {
+    eventually(30, "readiness names RabbitMQ", || async {
         matches!(relay.metrics.health(), Health::Down(why) if why.contains("RabbitMQ"))
     })
     .await;
@@ -336,20 +364,77 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
 
     tokio::task::block_in_place(|| mq.start_again());
     let down_for = stopped.elapsed();
-    write_rows(&db, &tc.table, 600, 300).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let total = writer.await.unwrap();
     let end = wal_insert_lsn(&db).await;
     eventually(90, "everything confirmed after the restart", || async {
         tc.confirmed().await >= end
     })
     .await;
-    let got = consume_queue(&mq.url(), &queue, |g| distinct_seqs(g) >= 900).await;
-    let duplicates = assert_nothing_lost(&got, 900);
+    let got = consume_queue(&mq.url(), &queue, |g| distinct_seqs(g) >= total as usize).await;
+    let duplicates = assert_nothing_lost(&got, total);
     assert_order_per_key(&got);
     eprintln!(
-        "FAULT rabbitmq_restart: written=900 delivered={} duplicates={duplicates} reconnects={} down_for_ms={} readiness while down: {why:?}",
+        "FAULT rabbitmq_restart: written={total} delivered={} duplicates={duplicates} reconnects={} down_for_ms={} readiness while down: {why:?}",
         got.len(),
         relay.metrics.reconnects.get(),
         down_for.as_millis()
+    );
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_nack_holds_the_slot_until_the_server_takes_the_record() {
+    let mq = shared_rabbitmq();
+    let tc = TestCase::new("rmq_nack").await;
+    // A queue of 5 that nacks what does not fit (reject-publish).
+    let queue = format!("{}.q", tc.name);
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(5),
+    );
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    bind_queue_with(&mq.url(), &tc.name, &queue, &format!("{}.#", tc.name), args).await;
+    let relay = start_relay(config(&tc, &mq.url())).await;
+    let db = tc.s.sql().await;
+    // One row per transaction: the slot may pass the first five, not the sixth.
+    let mut ends = Vec::new();
+    for i in 0..8 {
+        ends.push(insert_rows(&db, &tc.table, "evt", i, 1).await);
+    }
+    eventually(30, "readiness names the nack", || async {
+        matches!(relay.metrics.health(), Health::Down(why) if why.contains("nacked"))
+    })
+    .await;
+    eventually(30, "the five taken rows confirmed", || async {
+        tc.confirmed().await >= ends[4]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = tc.confirmed().await;
+    assert!(
+        held < ends[5],
+        "the slot moved to {held}, past the nacked row (commit end {})",
+        ends[5]
+    );
+    assert!(!relay.is_finished(), "a nack is retried");
+    // Reading makes room: the retries get through, nothing is lost.
+    let got = consume_queue(&mq.url(), &queue, |g| distinct_seqs(g) >= 8).await;
+    let duplicates = assert_nothing_lost(&got, 8);
+    assert_order_per_key(&got);
+    eventually(30, "everything confirmed", || async {
+        tc.confirmed().await >= ends[7]
+    })
+    .await;
+    eprintln!(
+        "rabbitmq nack: 8 rows, {} messages, {duplicates} duplicates, {} reconnects",
+        got.len(),
+        relay.metrics.reconnects.get()
     );
     relay.stop().await.unwrap();
 }

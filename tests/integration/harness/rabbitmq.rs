@@ -46,6 +46,7 @@ fn rabbitmq_ids() -> Ids {
 /// A RabbitMQ server: its AMQP port and directory.
 pub struct RabbitMq {
     pub port: u16,
+    epmd_port: u16,
     dir: PathBuf,
     ids: Ids,
     epmd: Option<Watchdog>,
@@ -104,6 +105,7 @@ impl RabbitMq {
         wait_port(epmd_port, "epmd", &dir.join("epmd.log"));
         let mut server = RabbitMq {
             port,
+            epmd_port,
             dir,
             ids,
             epmd: Some(epmd),
@@ -116,6 +118,30 @@ impl RabbitMq {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (guest may log in over loopback).
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `rabbitmqctl <args>` against this server (as its user); panics
+    /// with the output unless it succeeds.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        cmd.arg("-n")
+            .arg(format!("rabbit-{}@localhost", self.port))
+            .args(args)
+            .current_dir(&self.dir)
+            .env("HOME", self.dir.join("home"))
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string());
+        if let Some((uid, gid)) = self.ids {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {text}");
+        text
     }
 
     /// Stops the server gracefully (SIGTERM) and waits until it is gone; its
@@ -209,6 +235,17 @@ pub async fn rabbit_channel(url: &str) -> (Connection, Channel) {
 /// Declares `exchange` as the relay does with `declare = true` (durable topic)
 /// and a durable queue `queue` bound to it with `binding`.
 pub async fn bind_queue(url: &str, exchange: &str, queue: &str, binding: &str) {
+    bind_queue_with(url, exchange, queue, binding, FieldTable::default()).await
+}
+
+/// [`bind_queue`] with queue arguments (`x-max-length`, `x-overflow`, ...).
+pub async fn bind_queue_with(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    binding: &str,
+    arguments: FieldTable,
+) {
     let (conn, ch) = rabbit_channel(url).await;
     ch.exchange_declare(
         exchange.into(),
@@ -227,7 +264,7 @@ pub async fn bind_queue(url: &str, exchange: &str, queue: &str, binding: &str) {
             durable: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        arguments,
     )
     .await
     .unwrap();
