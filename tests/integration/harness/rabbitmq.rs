@@ -1,12 +1,14 @@
 //! RabbitMQ for the tests: the server the tests of this binary share and
 //! servers of a test's own (stopped and started again with their data), each a
-//! child process on free ports in a temporary directory with its own epmd;
-//! and reading messages back with lapin.
+//! child process on free ports (below the ephemeral range) in a temporary
+//! directory with its own epmd; and reading messages back with lapin.
 //!
 //! As root the server runs as the `rabbitmq` user (the Debian package's), which
 //! owns the directory. Nothing touches the system's service, its epmd on 4369
 //! or `/var/lib/rabbitmq`.
 
+use std::collections::HashSet;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -19,10 +21,35 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::process::{chown, free_port, supervise, wait_port, Ids, Watchdog};
+use super::process::{chown, supervise, wait_port, Ids, Watchdog};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const EPMD: &str = "/usr/bin/epmd";
+
+/// A free port below the kernel's ephemeral range (32768 and up), never
+/// handed out twice in this process. RabbitMQ binds its AMQP port only after
+/// booting (seconds later): a port from the ephemeral range could meanwhile be
+/// taken by any outgoing connection of the other tests.
+fn free_low_port() -> u16 {
+    static GIVEN: OnceLock<std::sync::Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut given = GIVEN.get_or_init(Default::default).lock().unwrap();
+    let mut x = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20_000 + (x % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
 
 /// uid/gid of the `rabbitmq` user when running as root, `None` otherwise.
 fn rabbitmq_ids() -> Ids {
@@ -60,7 +87,7 @@ impl RabbitMq {
             Path::new(SERVER).exists(),
             "{SERVER} not found: run deploy/dev/install-deps.sh (Debian's rabbitmq-server)"
         );
-        let port = free_port();
+        let port = free_low_port();
         let dir = std::env::temp_dir().join(format!("outbox-relay-rabbitmq-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["", "mnesia", "log", "home"] {
@@ -68,8 +95,8 @@ impl RabbitMq {
         }
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         let ids = rabbitmq_ids();
-        let epmd_port = free_port();
-        let dist_port = free_port();
+        let epmd_port = free_low_port();
+        let dist_port = free_low_port();
         // The environment rabbitmq-server reads; the watchdog runs this script.
         let script = format!(
             "#!/bin/sh\ncd '{d}'\n\
