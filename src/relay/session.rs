@@ -130,7 +130,11 @@ impl Session<'_> {
         if cfg.outbox.on_invalid == OnInvalid::DeadLetter {
             producer.ensure_topic(&cfg.outbox.dead_letter_topic).await?;
         }
-        producer.ready().await?;
+        // The sink's connection first (RabbitMQ: up to its connect timeout).
+        tokio::select! {
+            ready = producer.ready() => ready?,
+            _ = wait_shutdown(shutdown) => return Ok(SessionEnd::Stopped),
+        }
         let start = match self.opts.start_lsn {
             Some(start) if self.first => start,
             _ => Lsn::ZERO,

@@ -246,13 +246,18 @@ pub fn properties(record: &Record) -> BasicProperties {
         .with_delivery_mode(2)
         .with_timestamp(seconds)
         .with_headers(headers);
-    if let Some(id) = record.header("id").and_then(|v| short(v)) {
+    if let Some(id) = message_id(record) {
         props = props.with_message_id(id);
     }
     if let Some(ct) = record.header("content-type").and_then(|v| short(v)) {
         props = props.with_content_type(ct);
     }
     props
+}
+
+/// `message_id`: the last `id` header, when it fits an AMQP short string.
+fn message_id(record: &Record) -> Option<ShortString> {
+    record.header("id").and_then(|v| short(v))
 }
 
 fn body(record: &Record) -> &[u8] {
@@ -497,16 +502,16 @@ fn settle(batch: Vec<Entry>, reporter: &Reporter, s: &Settings) -> Result<(), St
     }
     let mut returned: Vec<Option<BasicReturnMessage>> = items.iter().map(|_| None).collect();
     for msg in returns {
-        match items
-            .iter()
-            .enumerate()
-            .position(|(i, item)| returned[i].is_none() && is_returned(&item.record, &msg))
-        {
+        let d = &msg.delivery;
+        let records: Vec<&Record> = items.iter().map(|i| &i.record).collect();
+        let taken: Vec<bool> = returned.iter().map(Option::is_some).collect();
+        let id = d.properties.message_id().as_ref().map(|m| m.as_str());
+        match returned_record(&records, &taken, d.routing_key.as_str(), id, &d.data) {
             Some(i) => returned[i] = Some(msg),
             None => {
                 let why = format!(
                     "RabbitMQ returned a message for routing key {:?} that matches no record in flight",
-                    msg.delivery.routing_key.as_str()
+                    d.routing_key.as_str()
                 );
                 fail_all(reporter, items, &why);
                 return Err(why);
@@ -563,16 +568,22 @@ fn settle(batch: Vec<Entry>, reporter: &Reporter, s: &Settings) -> Result<(), St
     Ok(())
 }
 
-/// Whether the returned `msg` is `record` as published.
-fn is_returned(record: &Record, msg: &BasicReturnMessage) -> bool {
-    let d = &msg.delivery;
-    d.routing_key.as_str() == record.topic
-        && d.data == body(record)
-        && d.properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().as_bytes())
-            == record.header("id").map(|v| &v[..])
+/// The record a returned message belongs to: the first of `records` not yet
+/// `taken` that was published with its routing key, message id and body.
+/// (Records equal in all three are interchangeable: they go the same way.)
+fn returned_record(
+    records: &[&Record],
+    taken: &[bool],
+    routing_key: &str,
+    message_id: Option<&str>,
+    data: &[u8],
+) -> Option<usize> {
+    records.iter().zip(taken).position(|(r, taken)| {
+        !taken
+            && r.topic == routing_key
+            && body(r) == data
+            && self::message_id(r).as_ref().map(ShortString::as_str) == message_id
+    })
 }
 
 fn fail_all(reporter: &Reporter, items: impl IntoIterator<Item = Item>, why: &str) {
@@ -636,6 +647,44 @@ mod tests {
         assert_eq!(
             h.get("bin"),
             Some(&AMQPValue::ByteArray(vec![0xff, 0x00].into()))
+        );
+    }
+
+    #[test]
+    fn a_return_goes_to_its_own_record_whichever_confirm_carried_it() {
+        let mut a = record();
+        a.headers = vec![("id".into(), Bytes::from_static(b"e-a"))];
+        let mut b = a.clone();
+        b.headers = vec![("id".into(), Bytes::from_static(b"e-b"))];
+        let other = Record {
+            topic: "outbox.event.invoice".into(),
+            ..b.clone()
+        };
+        let records = [&a, &b, &other];
+        let body = br#"{"total": 42}"#;
+        let find = |taken: &[bool], rk: &str, id: Option<&str>| {
+            returned_record(&records, taken, rk, id, body)
+        };
+        let none = [false; 3];
+        assert_eq!(find(&none, "outbox.event.order", Some("e-b")), Some(1));
+        assert_eq!(find(&none, "outbox.event.invoice", Some("e-b")), Some(2));
+        assert_eq!(find(&none, "outbox.event.order", Some("e-c")), None);
+        assert_eq!(
+            returned_record(&records, &none, "outbox.event.order", Some("e-a"), b"{}"),
+            None,
+            "the body must match too"
+        );
+        // Equal records: each return takes the next one.
+        let twins = [&a, &a];
+        let first = returned_record(&twins, &[false, false], &a.topic, Some("e-a"), body);
+        let second = returned_record(&twins, &[true, false], &a.topic, Some("e-a"), body);
+        assert_eq!((first, second), (Some(0), Some(1)));
+        // An id that is no AMQP short string is sent (and matched) without message_id.
+        let mut long_id = a.clone();
+        long_id.headers = vec![("id".into(), Bytes::from("x".repeat(300)))];
+        assert_eq!(
+            returned_record(&[&long_id], &[false], &a.topic, None, body),
+            Some(0)
         );
     }
 
