@@ -323,8 +323,9 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
 
     // A steady writer across the stop and the start.
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicI64::new(100));
     let writer = {
-        let (stop, table) = (stop.clone(), tc.table.clone());
+        let (stop, written, table) = (stop.clone(), written.clone(), tc.table.clone());
         tokio::spawn(async move {
             let db = servers().sql().await;
             let mut next = 100i64;
@@ -332,6 +333,7 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
                 let n = 1 + next % 9;
                 insert_rows(&db, &table, "evt", next, n).await;
                 next += n;
+                written.store(next, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             next
@@ -344,8 +346,9 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
     .await;
     tokio::task::block_in_place(|| mq.stop());
     let stopped = Instant::now();
-    // Rows committed from here on cannot have been confirmed by RabbitMQ.
-    let held = wal_insert_lsn(&db).await;
+    // Rows from here on (past the transaction of up to 9 rows the writer may
+    // be committing) are committed after the stop: RabbitMQ never confirmed them.
+    let after_stop = written.load(Ordering::SeqCst) + 9;
     eventually(30, "readiness names RabbitMQ", || async {
         matches!(relay.metrics.health(), Health::Down(why) if why.contains("RabbitMQ"))
     })
@@ -357,8 +360,8 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let confirmed_while_down = tc.confirmed().await;
     assert!(
-        confirmed_while_down <= held,
-        "the slot moved to {confirmed_while_down}, past rows committed after {held} that RabbitMQ never confirmed"
+        written.load(Ordering::SeqCst) > after_stop,
+        "rows were committed while the server was down"
     );
     assert!(!relay.is_finished(), "the relay keeps retrying");
 
@@ -375,6 +378,17 @@ async fn rabbitmq_server_stopped_mid_stream_holds_the_slot_and_loses_nothing() {
     let got = consume_queue(&mq.url(), &queue, |g| distinct_seqs(g) >= total as usize).await;
     let duplicates = assert_nothing_lost(&got, total);
     assert_order_per_key(&got);
+    // The commit LSN of the first row committed after the stop: the slot stayed before it.
+    let first_unconfirmable = got
+        .iter()
+        .filter(|g| g.seq() >= after_stop)
+        .map(|g| g.header("lsn").unwrap().parse::<Lsn>().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        confirmed_while_down <= first_unconfirmable,
+        "while RabbitMQ was down the slot moved to {confirmed_while_down}, past the commit of a row written after the stop ({first_unconfirmable})"
+    );
     eprintln!(
         "FAULT rabbitmq_restart: written={total} delivered={} duplicates={duplicates} reconnects={} down_for_ms={} readiness while down: {why:?}",
         got.len(),
@@ -417,16 +431,23 @@ async fn rabbitmq_a_nack_holds_the_slot_until_the_server_takes_the_record() {
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = tc.confirmed().await;
-    assert!(
-        held < ends[5],
-        "the slot moved to {held}, past the nacked row (commit end {})",
-        ends[5]
-    );
     assert!(!relay.is_finished(), "a nack is retried");
     // Reading makes room: the retries get through, nothing is lost.
     let got = consume_queue(&mq.url(), &queue, |g| distinct_seqs(g) >= 8).await;
     let duplicates = assert_nothing_lost(&got, 8);
     assert_order_per_key(&got);
+    let nacked: Lsn = got
+        .iter()
+        .find(|g| g.seq() == 5)
+        .unwrap()
+        .header("lsn")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        held <= nacked,
+        "the slot moved to {held}, past the nacked row (commit {nacked})"
+    );
     eventually(30, "everything confirmed", || async {
         tc.confirmed().await >= ends[7]
     })
@@ -484,9 +505,16 @@ async fn rabbitmq_unroutable_record_stops_the_relay_naming_the_event() {
             && stderr.contains("on_invalid"),
         "the error names the event, why and what to do:\n{stderr}"
     );
+    let commit: Lsn = stderr
+        .split("(commit LSN ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the error names the commit LSN")
+        .parse()
+        .unwrap();
     assert!(
-        tc.confirmed().await <= before,
-        "the slot passed the refused row"
+        before < commit && tc.confirmed().await <= commit,
+        "the slot passed the refused row (commit {commit})"
     );
     let got = consume_n(&mq.url(), &queue, 1).await;
     assert_eq!(got[0].header("event_type"), Some("Before"));
