@@ -9,7 +9,7 @@
 //! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
 //! - [`kafka`]: the producer and its delivery reports.
-//! - [`sink`]: where records go (Kafka, or stdout for `tail` and debugging) and how their acknowledgements come back.
+//! - [`sink`]: where records go (Kafka, RabbitMQ, or stdout for `tail` and debugging) and how their acknowledgements come back.
 //! - [`ack`]: which LSN may be confirmed.
 //! - [`server`]: the server's version, primary or standby, and the settings failover depends on.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL.

@@ -407,6 +407,9 @@ async fn open(s: &Settings) -> Result<(Connection, Channel), String> {
 }
 
 fn connect_hint(e: &lapin::Error) -> &'static str {
+    if e.to_string().contains("certificate verify failed") {
+        return "; the server's certificate does not chain to a CA in rabbitmq.tls_ca_file (or the system's) or does not name the URL's host";
+    }
     match e.kind() {
         ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "; is the server running and rabbitmq.url's port right?"

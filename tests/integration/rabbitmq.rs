@@ -615,3 +615,68 @@ async fn rabbitmq_check_config_refuses_a_missing_url_and_an_unreachable_server_k
     assert!(relay.metrics.reconnects.get() >= 1);
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_over_tls_trusts_the_configured_ca_only() {
+    use crate::tls::{cert, key};
+    let ca_key = key();
+    let ca = cert("outbox-relay test CA", &ca_key, None);
+    let server_key = key();
+    let server = cert("localhost", &server_key, Some((&ca, &ca_key)));
+    let other_ca = cert("unrelated CA", &key(), None);
+    let tls_port = free_low_port();
+    let conf = format!(
+        "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+         ssl_options.cacertfile = {{dir}}/ca.pem\n\
+         ssl_options.certfile = {{dir}}/server.pem\n\
+         ssl_options.keyfile = {{dir}}/server.key\n\
+         ssl_options.verify = verify_none\n\
+         ssl_options.fail_if_no_peer_cert = false\n"
+    );
+    let (ca_pem, server_pem) = (ca.to_pem().unwrap(), server.to_pem().unwrap());
+    let server_key_pem = server_key.private_key_to_pem_pkcs8().unwrap();
+    let mq = tokio::task::block_in_place(|| {
+        RabbitMq::start_with(
+            &conf,
+            &[
+                ("ca.pem", &ca_pem),
+                ("server.pem", &server_pem),
+                ("server.key", &server_key_pem),
+            ],
+        )
+    });
+    eventually(30, "the TLS listener", || async {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&good, &ca_pem).unwrap();
+    std::fs::write(&bad, other_ca.to_pem().unwrap()).unwrap();
+    let tc = TestCase::new("rmq_tls").await;
+    let queue = queue_for_all(&tc, &mq.url()).await;
+    let url = format!("amqps://guest:guest@localhost:{tls_port}/%2f");
+    let with_ca = |ca: &Path| {
+        let extra = format!("tls_ca_file = {:?}\n", ca.display().to_string());
+        Config::from_toml(&config_text(&tc, &url, &extra), Path::new("t"), |_| None).unwrap()
+    };
+
+    // A certificate from a CA it was not told to trust: refused, said, retried.
+    let relay = spawn_relay(with_ca(&bad));
+    eventually(30, "readiness names the certificate check", || async {
+        matches!(relay.metrics.health(), Health::Down(why) if why.contains("cannot connect to RabbitMQ") && why.contains("certificate verify failed"))
+    })
+    .await;
+    relay.stop().await.unwrap();
+
+    let relay = start_relay(with_ca(&good)).await;
+    let db = tc.s.sql().await;
+    let end = write_rows(&db, &tc.table, 0, 20).await;
+    eventually(30, "rows confirmed over TLS", || async {
+        tc.confirmed().await >= end
+    })
+    .await;
+    let got = consume_n(&mq.url(), &queue, 20).await;
+    assert_eq!(assert_nothing_lost(&got, 20), 0);
+    relay.stop().await.unwrap();
+}

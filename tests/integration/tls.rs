@@ -23,13 +23,13 @@ use outbox_relay::transport::{ConnectError, PgTarget};
 
 use crate::harness::*;
 
-fn key() -> PKey<Private> {
+pub(crate) fn key() -> PKey<Private> {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
     PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
 }
 
 /// A certificate for `cn`, signed by `issuer` (self-signed CA when `None`).
-fn cert(cn: &str, key: &PKey<Private>, issuer: Option<(&X509, &PKey<Private>)>) -> X509 {
+pub(crate) fn cert(cn: &str, key: &PKey<Private>, issuer: Option<(&X509, &PKey<Private>)>) -> X509 {
     let mut name = X509NameBuilder::new().unwrap();
     name.append_entry_by_text("CN", cn).unwrap();
     let name = name.build();

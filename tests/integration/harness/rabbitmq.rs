@@ -30,7 +30,7 @@ const EPMD: &str = "/usr/bin/epmd";
 /// handed out twice in this process. RabbitMQ binds its AMQP port only after
 /// booting (seconds later): a port from the ephemeral range could meanwhile be
 /// taken by any outgoing connection of the other tests.
-fn free_low_port() -> u16 {
+pub fn free_low_port() -> u16 {
     static GIVEN: OnceLock<std::sync::Mutex<HashSet<u16>>> = OnceLock::new();
     let mut given = GIVEN.get_or_init(Default::default).lock().unwrap();
     let mut x = std::process::id() as u64
@@ -83,6 +83,12 @@ pub struct RabbitMq {
 impl RabbitMq {
     /// A server of its own (for tests that stop and restart it).
     pub fn start() -> RabbitMq {
+        RabbitMq::start_with("", &[])
+    }
+
+    /// A server of its own with `conf` as its `rabbitmq.conf` and `files`
+    /// (name, content) beside it; `{dir}` in `conf` is their directory.
+    pub fn start_with(conf: &str, files: &[(&str, &[u8])]) -> RabbitMq {
         assert!(
             Path::new(SERVER).exists(),
             "{SERVER} not found: run deploy/dev/install-deps.sh (Debian's rabbitmq-server)"
@@ -95,6 +101,21 @@ impl RabbitMq {
         }
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
         let ids = rabbitmq_ids();
+        let mut owned = vec!["".to_string(), "mnesia".into(), "log".into(), "home".into()];
+        owned.extend(["enabled_plugins".into(), "run.sh".into()]);
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content).unwrap();
+            owned.push(name.to_string());
+        }
+        // Without a file the server runs on its defaults (a missing base name is fine).
+        let config_file = if conf.is_empty() {
+            "rabbitmq"
+        } else {
+            let text = conf.replace("{dir}", &dir.display().to_string());
+            std::fs::write(dir.join("rabbitmq.conf"), text).unwrap();
+            owned.push("rabbitmq.conf".into());
+            "rabbitmq.conf"
+        };
         let epmd_port = free_low_port();
         let dist_port = free_low_port();
         // The environment rabbitmq-server reads; the watchdog runs this script.
@@ -106,7 +127,7 @@ impl RabbitMq {
              export RABBITMQ_MNESIA_BASE='{d}/mnesia' RABBITMQ_LOG_BASE='{d}/log' RABBITMQ_LOGS=-\n\
              export RABBITMQ_FEATURE_FLAGS_FILE='{d}/feature_flags' RABBITMQ_PID_FILE='{d}/pid'\n\
              export RABBITMQ_ENABLED_PLUGINS_FILE='{d}/enabled_plugins' RABBITMQ_CONF_ENV_FILE='{d}/env.conf'\n\
-             export RABBITMQ_CONFIG_FILE='{d}/rabbitmq' RABBITMQ_ADVANCED_CONFIG_FILE='{d}/advanced.config'\n\
+             export RABBITMQ_CONFIG_FILE='{d}/{config_file}' RABBITMQ_ADVANCED_CONFIG_FILE='{d}/advanced.config'\n\
              exec {SERVER}\n",
             d = dir.display()
         );
@@ -116,7 +137,7 @@ impl RabbitMq {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        for sub in ["", "mnesia", "log", "home", "enabled_plugins", "run.sh"] {
+        for sub in &owned {
             chown(&dir.join(sub), ids);
         }
         // epmd of its own on a free port, in the foreground; it outlives
