@@ -25,6 +25,7 @@ mod rabbitmq;
 mod redis;
 mod relay;
 mod replay;
+mod secret;
 mod shard;
 mod topic;
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::secret::take_url;
 use super::{invalid, ConfigError, SinkKind};
 
 /// Environment variable that overrides `nats.url` (credentials stay out of the file).
@@ -116,26 +117,13 @@ impl NatsConfig {
         env: &impl Fn(&str) -> Option<String>,
         kind: SinkKind,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = env(ENV_NATS_URL).filter(|v| !v.trim().is_empty()) {
-            self.url = Some(url.trim().to_string());
-            self.url_file = None;
-        } else if let Some(file) = &self.url_file {
-            if self.url.is_some() {
-                return Err(ConfigError::Conflict {
-                    message: "nats.url and nats.url_file are both set; remove one".into(),
-                });
-            }
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                invalid(
-                    "nats.url_file",
-                    format!("cannot read {file:?}: {e}; check the path and its permissions"),
-                )
-            })?;
-            if text.trim().is_empty() {
-                return Err(invalid("nats.url_file", format!("{file:?} is empty")));
-            }
-            self.url = Some(text.trim().to_string());
-        }
+        take_url(
+            env,
+            ENV_NATS_URL,
+            ("nats.url", "nats.url_file"),
+            &mut self.url,
+            &mut self.url_file,
+        )?;
         if kind != SinkKind::Nats {
             return Ok(());
         }

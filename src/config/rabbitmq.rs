@@ -3,12 +3,13 @@
 //! the URL from `OUTBOX_RELAY_RABBITMQ_URL`, the file or the config, parsed;
 //! the TLS files read. Does not connect (the sink does, in `sink::rabbitmq`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::Deserialize;
 
+use super::secret::{read_file, take_url};
 use super::{invalid, ConfigError, SinkKind};
 
 /// Environment variable that overrides `rabbitmq.url` and `rabbitmq.url_file`.
@@ -123,17 +124,13 @@ impl RabbitMqConfig {
         env: &impl Fn(&str) -> Option<String>,
         kind: SinkKind,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = env(ENV_RABBITMQ_URL).filter(|v| !v.is_empty()) {
-            self.url = Some(url);
-            self.url_file = None;
-        } else if let Some(file) = &self.url_file {
-            if self.url.is_some() {
-                return Err(ConfigError::Conflict {
-                    message: "rabbitmq.url and rabbitmq.url_file are both set; remove one".into(),
-                });
-            }
-            self.url = Some(read_file("rabbitmq.url_file", file)?.trim().to_string());
-        }
+        take_url(
+            env,
+            ENV_RABBITMQ_URL,
+            ("rabbitmq.url", "rabbitmq.url_file"),
+            &mut self.url,
+            &mut self.url_file,
+        )?;
         let used = kind == SinkKind::RabbitMq;
         match &self.url {
             Some(url) => self.uri = Some(parse_url(url).map_err(|m| invalid("rabbitmq.url", m))?),
@@ -251,15 +248,6 @@ impl RabbitMqConfig {
             |u| format!("{}:{}", u.authority.host, u.authority.port),
         )
     }
-}
-
-fn read_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(key, format!("cannot read {path:?}: {e}")))?;
-    if text.trim().is_empty() {
-        return Err(invalid(key, format!("{path:?} is empty")));
-    }
-    Ok(text)
 }
 
 /// Parses an AMQP URL. Errors never contain the URL (it may hold a password).
