@@ -6,7 +6,8 @@
 //! the existing objects, decides per item whether it is fine, missing (to be
 //! created) or a problem the user must fix ([`plan`], pure), and only when no
 //! check failed creates the outbox table, the publication and the slot.
-//! `status` prints the slot's progress. The SQL itself (queries and DDL) lives
+//! `status` prints the slot's progress. With `source.kind = "poll"` both
+//! print what polling needs instead (`poll::admin`). The SQL itself (queries and DDL) lives
 //! in `setup`; argument parsing lives in `cli`.
 
 use std::io::Write;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, SourceKind};
 use crate::setup::{self, SetupError};
 
 mod init;
@@ -61,7 +62,7 @@ pub async fn init(
                 return Ok(Some(code));
             }
         }
-        if !dry_run {
+        if !dry_run && cfg.source.kind == SourceKind::Wal {
             init::report_cut_over(&client, cfg, &mut out).await?;
         }
         Ok(None)
@@ -77,6 +78,9 @@ pub async fn status(
     json: bool,
     all_shards: bool,
 ) -> Result<Option<u8>, SetupError> {
+    if cfg.source.kind == SourceKind::Poll {
+        return crate::poll::admin::status(&client, cfg, config_path, json).await;
+    }
     {
         let mut out = std::io::stdout().lock();
         let configs = shard_configs(cfg, all_shards);
@@ -122,6 +126,11 @@ pub async fn replay(
     cfg: &Config,
     args: &ReplayArgs,
 ) -> Result<Option<u8>, SetupError> {
+    if cfg.source.kind == SourceKind::Poll {
+        return Err(SetupError::Poll(Box::new(
+            crate::poll::PollError::WalOnly { what: "replay" },
+        )));
+    }
     replay::run(client, cfg, args).await
 }
 

@@ -20,6 +20,7 @@ mod kafka;
 mod names;
 mod nats;
 mod outbox;
+mod poll;
 mod postgres;
 mod rabbitmq;
 mod redis;
@@ -38,6 +39,7 @@ pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
 };
+pub use poll::{AfterSend, PollConfig, SourceConfig, SourceKind};
 pub use postgres::{FailoverSlot, PostgresConfig, ENV_POSTGRES_URL};
 pub use rabbitmq::{ExchangeType, RabbitMqConfig, ENV_RABBITMQ_URL};
 pub use redis::{RedisConfig, RedisMode, ENV_REDIS_URL};
@@ -47,32 +49,24 @@ pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 pub use topic::{parse_topic_template, valid_topic, TemplatePart};
 
 /// The file as written: sections with their defaults, nothing resolved yet.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every section may be left out (`postgres.url` can come from the environment).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct Raw {
     postgres: PostgresConfig,
-    #[serde(default)]
     outbox: OutboxConfig,
-    #[serde(default)]
     kafka: KafkaConfig,
-    #[serde(default)]
     relay: RelayConfig,
-    #[serde(default)]
     metrics: MetricsConfig,
-    #[serde(default)]
     checkpoint: CheckpointConfig,
-    #[serde(default)]
     replay: ReplayConfig,
-    #[serde(default)]
     sink: SinkConfig,
-    #[serde(default)]
     shard: ShardConfig,
-    #[serde(default)]
     redis: RedisConfig,
-    #[serde(default)]
     nats: NatsConfig,
-    #[serde(default)]
     rabbitmq: RabbitMqConfig,
+    source: SourceConfig,
+    poll: PollConfig,
 }
 
 /// A validated configuration: the sections as written (with defaults and
@@ -91,6 +85,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub nats: NatsConfig,
     pub rabbitmq: RabbitMqConfig,
+    pub source: SourceConfig,
+    pub poll: PollConfig,
     table: TableName,
     topic: Vec<TemplatePart>,
     pg: PgTarget,
@@ -168,6 +164,7 @@ impl Config {
         raw.redis
             .validate(raw.sink.kind == SinkKind::Redis, &raw.outbox)?;
         raw.metrics.validate()?;
+        poll::validate(&raw.source, &raw.poll, &raw.shard, &raw.outbox, &raw.replay)?;
         if raw.shard.count > 1 && !raw.outbox.messages_prefix.is_empty() {
             return Err(ConfigError::Conflict {
                 message: "outbox.messages_prefix cannot be combined with shard.count > 1: logical messages pass no publication row filter, so every shard would relay each one; remove messages_prefix (write outbox rows) or set shard.count = 1".into(),
@@ -193,6 +190,8 @@ impl Config {
             redis: raw.redis,
             nats: raw.nats,
             rabbitmq: raw.rabbitmq,
+            source: raw.source,
+            poll: raw.poll,
             table,
             topic,
             pg,

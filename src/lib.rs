@@ -16,7 +16,8 @@
 //! - [`admin`]: the `init`, `status` and `replay` commands: checks, what they create, print and exit with.
 //! - [`metrics`]: Prometheus metrics and the health state.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` listener.
-//! - [`relay`]: the streaming loop tying the pieces together, reconnects and shutdown.
+//! - [`poll`]: the polling source: unsent rows read over SQL, deleted or marked once acknowledged.
+//! - [`relay`]: the run loop and the source seam, reconnects, standby and shutdown; the WAL session.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: command-line parsing and exit codes.
 
@@ -29,6 +30,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
+pub mod poll;
 pub mod relay;
 pub mod replication;
 pub mod setup;

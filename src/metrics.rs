@@ -14,14 +14,18 @@ use prometheus::{
 
 use crate::lsn::Lsn;
 
+mod poll;
+pub use poll::PollMetrics;
+
 /// What `/readyz` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
     /// Not connected yet, or between sessions; the reason says why.
     Down(String),
-    /// Another instance streams from the slot; this one waits to take over.
+    /// Another instance streams from the slot (or holds the polling leader
+    /// lock); this one waits to take over.
     Standby,
-    /// Streaming from the slot.
+    /// Streaming from the slot, or polling the table as the leader.
     Streaming,
 }
 
@@ -57,6 +61,8 @@ pub struct Metrics {
     pub replay_window_start_lsn: Gauge,
     pub replay_window_bytes: Gauge,
     pub replay_window_age_seconds: Gauge,
+    /// Only the polling source sets these.
+    pub poll: PollMetrics,
     health: Mutex<Health>,
 }
 
@@ -227,6 +233,7 @@ impl Metrics {
                 "replay_window_age_seconds",
                 "Seconds since the replay window's start was acknowledged",
             ),
+            poll: PollMetrics::new(&r),
             health: Mutex::new(Health::Down("starting".into())),
             registry: r,
         }

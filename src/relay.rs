@@ -1,22 +1,25 @@
-//! The streaming loop: replication stream in, Kafka records out, confirmed LSN back.
+//! The run loop: a source's records out to the sink, acknowledgements back.
 //!
-//! Ties `setup`, `replication`, `pgoutput`, `outbox`, `kafka` and `ack`
-//! together for one session (one replication connection), and runs sessions
-//! in a loop with jittered backoff until shutdown or a fatal error. It owns no
-//! protocol details of its own.
+//! [`run_with`] runs one session of the configured source at a time (the
+//! source seam, `source`: the WAL through a replication slot, `session`; or
+//! polling the table, `crate::poll`) and in between decides from the error's
+//! [`Disposition`] whether to reconnect with jittered backoff, stand by while
+//! another instance is active, or stop; it owns the sink and replaces a broken
+//! one. The record path both sources share is `records`. It owns no protocol
+//! details of its own.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::outbox::{MappingError, OutboxTable};
+use crate::outbox::MappingError;
 use crate::pgoutput::DecodeError;
 use crate::replication::ReplicationError;
-use crate::setup::{self, SetupError};
+use crate::setup::SetupError;
 use crate::sink::Sink;
 use crate::sink::{DeliveryError, SendError, SinkSetupError};
 
@@ -25,12 +28,12 @@ mod plan;
 pub mod policy;
 pub(crate) mod records;
 mod session;
+mod source;
 mod window;
 
-use crate::transport::PgTarget;
-use checkpoint::checkpoint_task;
 pub use policy::Disposition;
-use session::{Carried, Session, SessionEnd};
+pub(crate) use session::SessionEnd;
+use source::Source;
 pub use window::WindowKeeper;
 
 /// Why the relay stopped.
@@ -44,6 +47,9 @@ pub enum RelayError {
     Decode { lsn: Lsn, source: DecodeError },
     #[error("{0}; nothing past this row is confirmed")]
     Mapping(#[from] MappingError),
+    /// The polling source (`poll`): its checks, queries and leader lock.
+    #[error(transparent)]
+    Poll(Box<crate::poll::PollError>),
     #[error(transparent)]
     Sink(#[from] SinkSetupError),
     #[error("{0}; the slot stays at the last acknowledged position and the relay streams again from there")]
@@ -81,6 +87,12 @@ impl From<SetupError> for RelayError {
     }
 }
 
+impl From<crate::poll::PollError> for RelayError {
+    fn from(e: crate::poll::PollError) -> Self {
+        RelayError::Poll(Box::new(e))
+    }
+}
+
 impl RelayError {
     /// The `kind` label of `outbox_relay_errors_total`.
     pub fn kind(&self) -> &'static str {
@@ -90,6 +102,7 @@ impl RelayError {
             RelayError::Replication(_) => "replication",
             RelayError::Decode { .. } => "decode",
             RelayError::Mapping(_) => "invalid_row",
+            RelayError::Poll(e) => e.kind(),
             RelayError::Sink(_) => "sink_setup",
             RelayError::Delivery(_) => "delivery",
             RelayError::Send(_) | RelayError::Refused { .. } => "produce",
@@ -102,7 +115,7 @@ impl RelayError {
 /// The shutdown trigger handed to [`run`]: set it to `true` to stop.
 pub type ShutdownRx = watch::Receiver<bool>;
 
-async fn wait_shutdown(rx: &mut ShutdownRx) {
+pub(crate) async fn wait_shutdown(rx: &mut ShutdownRx) {
     // A dropped sender without a request never stops the relay.
     if rx.wait_for(|stop| *stop).await.is_err() {
         std::future::pending::<()>().await;
@@ -150,61 +163,34 @@ pub async fn run(
     run_with(cfg, metrics, shutdown, RunOptions::default()).await
 }
 
-/// [`run`] with [`RunOptions`].
+/// [`run`] with [`RunOptions`]: the loop every source runs in. The source
+/// (`source::Source`: the WAL, or polling the table) runs one session at a
+/// time; this loop owns the sink, decides from [`RelayError::disposition`]
+/// whether to retry with backoff, stand by or stop, and replaces a broken sink.
 pub async fn run_with(
     cfg: Config,
     metrics: Arc<Metrics>,
     mut shutdown: ShutdownRx,
     opts: RunOptions,
 ) -> Result<(), RelayError> {
-    let pg = cfg.pg().clone();
-    let outbox = OutboxTable::from_config(&cfg);
-    let confirms =
-        cfg.sink.confirms() && opts.temporary_slot.is_none() && opts.replay_request.is_none();
-    let poller = tokio::spawn(poll_slot(
-        pg.clone(),
-        cfg.postgres.slot.clone(),
-        metrics.clone(),
-    ));
-    let _stop_poller = AbortOnDrop(poller);
-    // Written by sessions, stored by the checkpoint task; requests flow back.
-    let (progress_tx, progress_rx) = watch::channel(Progress::default());
-    let (pending_tx, mut pending_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let checkpointer = confirms.then(|| {
-        tokio::spawn(checkpoint_task(
-            pg.clone(),
-            cfg.clone(),
-            metrics.clone(),
-            progress_rx,
-            pending_tx,
-            stop_rx,
-        ))
-    });
+    let mut source = Source::new(&cfg, &metrics, &opts)?;
     // One sink for the process: a PostgreSQL reconnect leaves records already
     // in flight to finish (their reports carry an earlier session's sequence
     // numbers and are ignored) instead of aborting requests mid-flight.
     let (mut sink, mut reports) = Sink::new(&cfg, metrics.clone())?;
     let mut failures = 0u32;
-    let mut carried = Carried::default();
     let result = loop {
-        let mut session = Session {
-            cfg: &cfg,
-            outbox: &outbox,
-            metrics: &metrics,
-            opts: &opts,
-            confirms,
-            first: !carried.ever_streamed,
-            streamed: false,
-            carried: &mut carried,
-            window_start: None,
-            progress: &progress_tx,
-        };
-        let result = session
-            .run(&pg, &mut sink, &mut reports, &mut shutdown, &mut pending_rx)
+        let result = source
+            .session(
+                &cfg,
+                &metrics,
+                &opts,
+                &mut sink,
+                &mut reports,
+                &mut shutdown,
+            )
             .await;
-        let streamed = session.streamed;
-        carried.ever_streamed |= streamed;
+        let progressed = source.progressed();
         let err = match result {
             Ok(SessionEnd::Restart) => continue,
             Ok(SessionEnd::Stopped) => {
@@ -219,7 +205,7 @@ pub async fn run_with(
         // mean the producer itself is stuck (an idempotent producer whose id the
         // broker no longer knows retries for ever): the next session gets a new
         // one. Records of the old one were not confirmed; the new session sends
-        // them again from the slot.
+        // them again from the slot (or the table).
         let broken_producer = sink.fatal_error().or_else(|| {
             matches!(err, RelayError::Delivery(_)).then(|| "a delivery failed".to_string())
         });
@@ -233,7 +219,7 @@ pub async fn run_with(
             break Err(err);
         }
         metrics.reconnects.inc();
-        failures = if streamed { 1 } else { failures + 1 };
+        failures = if progressed { 1 } else { failures + 1 };
         if let Some(why) = broken_producer {
             tracing::warn!(reason = %why, "recreating the sink's client");
             match Sink::new(&cfg, metrics.clone()) {
@@ -250,7 +236,7 @@ pub async fn run_with(
             Disposition::Standby => {
                 metrics.set_health(Health::Standby);
                 let delay = jitter(Duration::from_millis(cfg.relay.standby_retry_ms));
-                tracing::info!(slot = %cfg.postgres.slot, retry_in = ?delay, "slot is streaming to another instance; standing by");
+                tracing::info!(reason = %err, retry_in = ?delay, "another instance is active; standing by");
                 failures = 0;
                 delay
             }
@@ -266,15 +252,11 @@ pub async fn run_with(
             _ = wait_shutdown(&mut shutdown) => break Ok(()),
         }
     };
-    // The last acknowledged position is stored before the process exits.
-    if let Some(task) = checkpointer {
-        let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
+    source.finish().await;
     result
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -298,37 +280,4 @@ fn backoff(cfg: &Config, failures: u32) -> Duration {
         .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
         .min(cfg.relay.reconnect_backoff_max_ms);
     jitter(Duration::from_millis(base))
-}
-
-/// How often the slot's state is read from `pg_replication_slots`.
-const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Keeps the slot gauges (retained WAL, wal_status, active) current.
-async fn poll_slot(pg: PgTarget, slot: String, metrics: Arc<Metrics>) {
-    let mut client = None;
-    loop {
-        if client.is_none() {
-            client = setup::sql_connect(&pg).await.ok();
-        }
-        if let Some(c) = &client {
-            match setup::slot_report(c, &slot).await {
-                Ok(Some(r)) => {
-                    metrics
-                        .slot_retained_wal_bytes
-                        .set(r.retained_wal_bytes as f64);
-                    metrics.slot_active.set(i64::from(r.active));
-                    metrics.set_slot_wal_status(r.wal_status.as_deref());
-                }
-                Ok(None) => {
-                    metrics.slot_active.set(0);
-                    metrics.set_slot_wal_status(None);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the slot's state");
-                    client = None;
-                }
-            }
-        }
-        tokio::time::sleep(SLOT_POLL_INTERVAL).await;
-    }
 }

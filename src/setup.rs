@@ -158,6 +158,9 @@ pub enum SetupError {
     /// The configured columns do not match the table (or the table `init` would create).
     #[error(transparent)]
     Columns(MappingError),
+    /// What polling needs from the table (`source.kind = "poll"`).
+    #[error(transparent)]
+    Poll(Box<crate::poll::PollError>),
     #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and postgres.create_missing is false; run `outbox-relay init` or apply sql/002_relay_state.sql")]
     NoState { schema: String },
     #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and this role may not create schema {schema:?}; run `outbox-relay init` as a role with CREATE on the database, or apply sql/002_relay_state.sql and grant this role USAGE on the schema and SELECT, INSERT, UPDATE on its tables")]

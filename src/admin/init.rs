@@ -6,7 +6,7 @@ use std::io::Write;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, TableName};
+use crate::config::{Config, SourceKind, TableName};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
 use crate::setup::server::Server;
@@ -529,8 +529,13 @@ pub(super) async fn run(
     dry_run: bool,
     out: &mut impl Write,
 ) -> Result<Option<u8>, SetupError> {
-    let facts = inspect(client, cfg).await?;
-    let items = plan(&facts, cfg);
+    let (items, in_recovery) = match cfg.source.kind {
+        SourceKind::Wal => {
+            let facts = inspect(client, cfg).await?;
+            (plan(&facts, cfg), facts.server.in_recovery)
+        }
+        SourceKind::Poll => (crate::poll::admin::init_items(client, cfg).await?, false),
+    };
     let width = items.iter().map(|i| i.label.len()).max().unwrap_or(0);
     let problems = items
         .iter()
@@ -578,7 +583,7 @@ pub(super) async fn run(
             ItemState::Warn(w) => line(out, &i.label, &format!("warning: {w}")),
             ItemState::Problem(_) => unreachable!("no problems left"),
             ItemState::Create(sql) => {
-                if facts.server.in_recovery && i.label.starts_with("slot ") {
+                if in_recovery && i.label.starts_with("slot ") {
                     line(out, &i.label, "creating on a standby: waits for a running-transactions record from the primary; run SELECT pg_log_standby_snapshot(); on the primary to end the wait");
                 }
                 match client.batch_execute(&sql).await {

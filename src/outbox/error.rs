@@ -13,21 +13,21 @@ pub enum MappingError {
         available: String,
         setting: String,
     },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has NULL in column {column:?}, which routes the event; make the column NOT NULL")]
+    #[error("row of \"{table}\"{} (id {id}) has NULL in column {column:?}, which routes the event; make the column NOT NULL", at_lsn(.lsn))]
     NullColumn {
         table: String,
         column: String,
         lsn: Lsn,
         id: String,
     },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has an unchanged-TOAST value in column {column:?}, which an insert never has")]
+    #[error("row of \"{table}\"{} (id {id}) has an unchanged-TOAST value in column {column:?}, which an insert never has", at_lsn(.lsn))]
     UnexpectedToast {
         table: String,
         column: String,
         lsn: Lsn,
         id: String,
     },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has {got} columns but the relation has {expected}")]
+    #[error("row of \"{table}\"{} (id {id}) has {got} columns but the relation has {expected}", at_lsn(.lsn))]
     ColumnCount {
         table: String,
         lsn: Lsn,
@@ -36,7 +36,7 @@ pub enum MappingError {
         expected: usize,
     },
     #[error(
-        "row of \"{table}\" at LSN {lsn} (id {id}): column {column:?} is not valid bytea hex text"
+        "row of \"{table}\"{} (id {id}): column {column:?} is not valid bytea hex text", at_lsn(.lsn)
     )]
     BadBytea {
         table: String,
@@ -52,7 +52,7 @@ pub enum MappingError {
         setting: &'static str,
         expected: &'static str,
     },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) has {value:?} in column {column:?}, which is not {expected}")]
+    #[error("row of \"{table}\"{} (id {id}) has {value:?} in column {column:?}, which is not {expected}", at_lsn(.lsn))]
     BadValue {
         table: String,
         column: String,
@@ -68,13 +68,22 @@ pub enum MappingError {
         lsn: Lsn,
         problem: String,
     },
-    #[error("row of \"{table}\" at LSN {lsn} (id {id}) routes to topic {topic:?}, which is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -); fix the row or outbox.topic")]
+    #[error("row of \"{table}\"{} (id {id}) routes to topic {topic:?}, which is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -); fix the row or outbox.topic", at_lsn(.lsn))]
     BadTopic {
         table: String,
         topic: String,
         lsn: Lsn,
         id: String,
     },
+}
+
+/// ` at LSN X/X`, or nothing for a row read by polling (no LSN known).
+fn at_lsn(lsn: &Lsn) -> String {
+    if *lsn == Lsn::ZERO {
+        String::new()
+    } else {
+        format!(" at LSN {lsn}")
+    }
 }
 
 impl MappingError {

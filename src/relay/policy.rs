@@ -58,6 +58,7 @@ impl RelayError {
             RelayError::Replication(e) if e.is_permanent() => Stop { exit: EXIT_USER },
             RelayError::Replication(_) => Retry,
             RelayError::Setup(e) => e.disposition(),
+            RelayError::Poll(e) => e.disposition(),
             RelayError::Sink(SinkSetupError::Config { .. }) => Stop { exit: EXIT_USER },
             RelayError::Sink(
                 SinkSetupError::Connect { .. } | SinkSetupError::CreateTopic { .. },
@@ -314,6 +315,36 @@ mod tests {
                     confirmed: Lsn(2),
                 },
                 user,
+            ),
+            (
+                "another instance polls the table",
+                RelayError::from(crate::poll::PollError::LockHeld {
+                    table: crate::config::TableName {
+                        schema: "public".into(),
+                        name: "outbox".into(),
+                    },
+                    pid: Some(7),
+                }),
+                Standby,
+            ),
+            (
+                "polling a standby",
+                RelayError::from(crate::poll::PollError::NotPrimary),
+                user,
+            ),
+            (
+                "a polled row that cannot be mapped",
+                RelayError::from(crate::poll::PollError::BadRow {
+                    column: "relay_seq".into(),
+                    value: 3,
+                    source: MappingError::MissingColumn {
+                        table: "t".into(),
+                        column: "c".into(),
+                        available: "a".into(),
+                        setting: "s".into(),
+                    },
+                }),
+                runtime,
             ),
             (
                 "checkpoint from another cluster",

@@ -70,7 +70,7 @@ pub(super) struct Session<'a> {
 const BATCH: usize = 256;
 
 /// Why a session ended without an error.
-pub(super) enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Shutdown, or the replay it was started for is done.
     Stopped,
     /// A replay request waits: stream again from the slot to execute it.
@@ -136,14 +136,14 @@ impl Session<'_> {
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
         let records = Records::new(&cfg.outbox, self.metrics.clone(), self.carried.next_seq);
-        producer.ready().await?;
-        if let Some(dlq) = records.dead_letter_topic() {
-            producer.ensure_topic(dlq).await?;
-        }
-        // The sink's connection first (RabbitMQ: up to its connect timeout).
+        // The sink's connection first (up to its connect timeout): an
+        // unreachable destination is a `Connect` error, and `/readyz` says why.
         tokio::select! {
             ready = producer.ready() => ready?,
             _ = wait_shutdown(shutdown) => return Ok(SessionEnd::Stopped),
+        }
+        if let Some(dlq) = records.dead_letter_topic() {
+            producer.ensure_topic(dlq).await?;
         }
         let start = match self.opts.start_lsn {
             Some(start) if self.first => start,
@@ -238,19 +238,18 @@ impl Session<'_> {
                 // The timer comes before the reports so a steady stream of
                 // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
+                    // A sink whose connection died ends the session (and
+                    // `/readyz` says why) also while nothing is being sent.
                     if let Err(e) = producer.check() {
                         break Err(RelayError::Send(e));
                     }
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     let requests = takes_requests.then_some(&mut *requests);
-                    match producer.check() {
-                        Err(e) => Err(RelayError::Send(e)),
-                        Ok(()) => match self.on_tick(&mut s, &mut writer, requests).await {
-                            Ok(Some(end)) => break Ok(end),
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(e),
-                        },
+                    match self.on_tick(&mut s, &mut writer, requests).await {
+                        Ok(Some(end)) => break Ok(end),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
                     }
                 }
                 // Before the reports too, for the same reason.

@@ -11,61 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// Acknowledged records counted in the allowance: those acknowledged in this
-/// window before the kill. The relay passes an advance on within
-/// `postgres.confirm_interval_ms` / `checkpoint.write_interval_ms` (20 ms);
-/// the benchmark checks 50 ms. The test allows more so that a slow, shared
-/// CI machine does not make it flaky; the 1 s of the timer-only design (what
-/// this test catches) re-sends several times this on average.
-const ACKED_WINDOW: Duration = Duration::from_millis(250);
-
-/// One `/metrics` reading of the running instance.
-#[derive(Debug, Clone, Copy)]
-struct Reading {
-    at: Instant,
-    acked: f64,
-    produced: f64,
-    in_flight: f64,
-}
-
-fn read_metrics(addr: &str) -> Option<Reading> {
-    let (code, body) = http_get(addr, "/metrics")?;
-    if code != 200 {
-        return None;
-    }
-    let sum = |metric: &str| -> f64 {
-        body.lines()
-            .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    Some(Reading {
-        at: Instant::now(),
-        acked: sum("outbox_relay_events_acked_total{"),
-        produced: sum("outbox_relay_events_produced_total{"),
-        in_flight: sample(&body, "outbox_relay_records_in_flight")?,
-    })
-}
-
-/// What the re-sent count after one kill may be.
-#[derive(Debug)]
-struct Kill {
-    in_flight: f64,
-    acked_in_window: f64,
-    /// Records produced in the 50 ms before the last reading: a generous bound
-    /// on what the relay produced between that reading and the kill (well
-    /// under a millisecond on an idle machine).
-    produced_slack: f64,
-    /// Highest seq committed when the instance died: what it can have produced.
-    max_seq: i64,
-}
-
-impl Kill {
-    fn allowance(&self) -> usize {
-        (self.in_flight + self.acked_in_window + self.produced_slack).ceil() as usize
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
     let tc = TestCase::new("crash_resend").await;
@@ -143,18 +88,14 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
             .filter(|r| r.at >= started)
             .copied()
             .collect();
-        let before = |d: Duration| history.iter().rev().find(|r| r.at + d <= last.at).copied();
-        let acked_before = before(ACKED_WINDOW).map_or(0.0, |r| r.acked);
-        let produced_before = before(Duration::from_millis(50)).map_or(0.0, |r| r.produced);
         // Rows committed after the kill were never produced by this instance;
         // reading the counter a moment later only widens the seq range.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        kills.push(Kill {
-            in_flight: last.in_flight,
-            acked_in_window: last.acked - acked_before,
-            produced_slack: last.produced - produced_before,
-            max_seq: committed.load(Ordering::SeqCst),
-        });
+        kills.push(Kill::from_readings(
+            &history,
+            last,
+            committed.load(Ordering::SeqCst),
+        ));
         readings.lock().unwrap().clear();
         child = KillOnDrop(spawn_relay_binary(&config, &log));
     }

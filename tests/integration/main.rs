@@ -26,6 +26,7 @@ mod metrics;
 mod mock_broker;
 mod nats;
 mod partitioned;
+mod poll;
 mod rabbitmq;
 mod redis;
 mod replay;

@@ -12,6 +12,8 @@
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
+//! - `poll`: configs for the polling mode, `init` in process
+//! - `scrape`: readings of a relay binary's `/metrics` over time (what a kill re-sends)
 //! - `redis`: the Redis server (shared, or of a test's own) and reading streams back
 //! - `nats`: nats-server with JetStream (shared, or of a test's own), streams read back
 //! - here: polling, writing rows, HTTP and Prometheus text
@@ -26,11 +28,13 @@ mod case;
 mod cluster;
 mod kafka;
 pub mod nats;
+mod poll;
 mod postgres;
 mod process;
 pub mod rabbitmq;
 pub mod redis;
 mod relay;
+mod scrape;
 mod servers;
 mod standby;
 mod tansu;
@@ -43,6 +47,8 @@ pub use cluster::{ClusterOptions, PgCluster};
 #[allow(unused_imports)]
 pub use kafka::{consume_all, consume_distinct, consume_raw_values, consume_until, seqs, Consumed};
 #[allow(unused_imports)]
+pub use poll::{init_poll, parse_config};
+#[allow(unused_imports)]
 pub use postgres::{connect, npm_versions, PgInstall, PASSWORD};
 #[allow(unused_imports)]
 pub use process::free_addr;
@@ -51,6 +57,8 @@ pub use relay::{
     config_file, relay_cli, spawn_relay, spawn_relay_binary, start_relay, terminate, KillOnDrop,
     Output, RunningRelay,
 };
+#[allow(unused_imports)]
+pub use scrape::{read_metrics, Kill, Reading, ACKED_WINDOW};
 #[allow(unused_imports)]
 pub use servers::{create_role, servers, servers_on, Servers};
 #[allow(unused_imports)]
