@@ -17,8 +17,7 @@
 //! - [`admin`]: the `init`, `status` and `replay` commands: checks, what they create, print and exit with.
 //! - [`metrics`]: Prometheus metrics and the health state.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` listener.
-//! - [`poll`]: the polling source: unsent rows read over SQL, deleted or marked once acknowledged.
-//! - [`relay`]: the run loop and the source seam, reconnects, standby and shutdown; the WAL session.
+//! - [`relay`]: the run loop and the source seam, reconnects, standby and shutdown; the WAL session, and `relay::poll`, the polling source (unsent rows read over SQL, deleted or marked once acknowledged; its table checks are `setup::poll`, its `init`/`status` output `admin::poll`).
 //! - [`config`]: the TOML configuration, one file per section, resolved once.
 //! - [`cli`]: command-line parsing and exit codes.
 
@@ -31,7 +30,6 @@ pub mod lsn;
 pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;
-pub mod poll;
 pub mod relay;
 pub mod replication;
 pub mod setup;

@@ -16,14 +16,15 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 
 use super::query::{self, PollQuery, PolledRow};
-use super::table::{self, Check, TableInfo};
-use super::{PollError, PollSource, RowTracker};
+use super::{PollSource, RowTracker};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{DeadLetter, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{Relation, Timestamp};
 use crate::relay::records::Records;
 use crate::relay::{wait_shutdown, RelayError, SessionEnd, ShutdownRx};
+use crate::setup::poll::PollError;
+use crate::setup::poll::{self as table, Check, TableInfo};
 use crate::setup::server::Server;
 use crate::setup::{self, SetupError};
 use crate::sink::{DeliveryReport, Sink};
