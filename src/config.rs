@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 mod kafka;
 mod names;
+mod nats;
 mod outbox;
 mod postgres;
 mod redis;
@@ -30,6 +31,7 @@ use crate::transport::PgTarget;
 pub use kafka::{KafkaConfig, ENV_KAFKA_BROKERS};
 pub(crate) use names::validate_identifier;
 pub use names::{quote_ident, quote_literal, TableName};
+pub use nats::{NatsConfig, ENV_NATS_URL};
 pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
@@ -64,6 +66,8 @@ struct Raw {
     shard: ShardConfig,
     #[serde(default)]
     redis: RedisConfig,
+    #[serde(default)]
+    nats: NatsConfig,
 }
 
 /// A validated configuration: the sections as written (with defaults and
@@ -80,6 +84,7 @@ pub struct Config {
     pub sink: SinkConfig,
     pub shard: ShardConfig,
     pub redis: RedisConfig,
+    pub nats: NatsConfig,
     table: TableName,
     topic: Vec<TemplatePart>,
     pg: PgTarget,
@@ -140,6 +145,7 @@ impl Config {
         raw.kafka.apply_env(&env);
         raw.shard.resolve(&env)?;
         raw.redis.resolve(&env)?;
+        raw.nats.resolve(&env, raw.sink.kind)?;
         let pg = raw.postgres.target()?;
         raw.postgres.validate()?;
         let table = TableName::parse("outbox.table", &raw.outbox.table)?;
@@ -178,6 +184,7 @@ impl Config {
             sink: raw.sink,
             shard: raw.shard,
             redis: raw.redis,
+            nats: raw.nats,
             table,
             topic,
             pg,

@@ -3,13 +3,15 @@
 # broker, starting both if they are not already listening:
 #   deploy/dev/run-local.sh          start what is missing, apply sql/, run the relay
 #   deploy/dev/run-local.sh --sink redis   the same with the Redis sink instead of Kafka
+#   deploy/dev/run-local.sh --sink nats    the same with NATS JetStream (stream OUTBOX)
 #   deploy/dev/run-local.sh stop     stop the servers this script started
 #
 # PostgreSQL listens on 127.0.0.1:${PGPORT:-54329} (data in .local/pg, trust auth: for
 # development only), the broker on 127.0.0.1:${KAFKA_PORT:-9092} (tansu, in memory),
-# Redis on 127.0.0.1:${REDIS_PORT:-6389} (data in .local/redis, append-only file).
+# Redis on 127.0.0.1:${REDIS_PORT:-6389} (data in .local/redis, append-only file),
+# NATS on 127.0.0.1:${NATS_PORT:-4222} (JetStream storage in .local/nats).
 # If something already listens on a port it is used as is: it must be a PostgreSQL
-# with wal_level=logical, a Kafka broker, or a Redis server.
+# with wal_level=logical, a Kafka broker, a Redis server or a NATS server with JetStream.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -17,14 +19,15 @@ STATE="$ROOT/.local"
 PGPORT=${PGPORT:-54329}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 REDIS_PORT=${REDIS_PORT:-6389}
+NATS_PORT=${NATS_PORT:-4222}
 SINK=kafka
 if [ "${1:-}" = --sink ]; then
   SINK=${2:-}
   shift 2 || true
 fi
 case "$SINK" in
-  kafka | redis) ;;
-  *) echo "usage: $0 [--sink kafka|redis] | stop" >&2; exit 2 ;;
+  kafka | redis | nats) ;;
+  *) echo "usage: $0 [--sink kafka|redis|nats] | stop" >&2; exit 2 ;;
 esac
 mkdir -p "$STATE"
 
@@ -37,6 +40,7 @@ if [ "${1:-}" = stop ]; then
   [ -f "$STATE/pg/data/postmaster.pid" ] && as_pg "$(pgbin)/pg_ctl" -D "$STATE/pg/data" -m fast stop || true
   [ -f "$STATE/tansu.pid" ] && kill "$(cat "$STATE/tansu.pid")" 2>/dev/null && rm -f "$STATE/tansu.pid" || true
   [ -f "$STATE/redis.pid" ] && kill "$(cat "$STATE/redis.pid")" 2>/dev/null && rm -f "$STATE/redis.pid" || true
+  [ -f "$STATE/nats.pid" ] && kill "$(cat "$STATE/nats.pid")" 2>/dev/null && rm -f "$STATE/nats.pid" || true
   log "stopped"
   exit 0
 fi
@@ -46,7 +50,7 @@ TANSU=$(deploy/dev/install-deps.sh local | tail -n 1)
 BIN=$(pgbin)
 # Built before anything is announced, so the slot exists before the first insert.
 log "building the relay and the example consumer (release; a few minutes the first time)"
-cargo build --release --locked --bin outbox-relay --example consume
+cargo build --release --locked --bin outbox-relay --example consume --example nats_tail
 
 if ! listening "$PGPORT"; then
   if [ ! -f "$STATE/pg/data/PG_VERSION" ]; then
@@ -93,6 +97,25 @@ kind = \"redis\"
 url = \"redis://127.0.0.1:$REDIS_PORT\""
     WHERE="Redis redis://127.0.0.1:$REDIS_PORT"
     WATCH="redis-cli -p $REDIS_PORT XREAD BLOCK 0 STREAMS outbox.event.order 0   (docs/sinks/redis.md: the fields, XREADGROUP)"
+    ;;
+  nats)
+    if ! listening "$NATS_PORT"; then
+      command -v nats-server >/dev/null || { log "nats-server is missing: apt-get install nats-server (deploy/dev/install-deps.sh installs it)"; exit 1; }
+      log "starting nats-server (JetStream) on 127.0.0.1:$NATS_PORT (storage in $STATE/nats)"
+      mkdir -p "$STATE/nats"
+      nohup nats-server -js -sd "$STATE/nats" -a 127.0.0.1 -p "$NATS_PORT" >"$STATE/nats.log" 2>&1 &
+      echo $! >"$STATE/nats.pid"
+      for _ in $(seq 100); do listening "$NATS_PORT" && break; sleep 0.1; done
+    fi
+    SINK_TOML="[sink]
+kind = \"nats\"
+
+[nats]
+url = \"nats://127.0.0.1:$NATS_PORT\"
+# Development only: the relay creates stream OUTBOX with every subject it publishes to.
+create_stream = true"
+    WHERE="NATS nats://127.0.0.1:$NATS_PORT (stream OUTBOX)"
+    WATCH="target/release/examples/nats_tail nats://127.0.0.1:$NATS_PORT OUTBOX"
     ;;
 esac
 

@@ -104,12 +104,14 @@ pub enum SinkKind {
     Stdout,
     /// Redis Streams (`XADD`) or pub/sub (`PUBLISH`): `[redis]`.
     Redis,
+    /// Publish to NATS JetStream (`[nats]`).
+    Nats,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default), `stdout` or `redis`.
+    /// `kafka` (default), `stdout`, `redis` or `nats`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -126,6 +128,7 @@ impl SinkConfig {
             SinkKind::Kafka => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
             SinkKind::Redis => true,
+            SinkKind::Nats => true,
         }
     }
 }

@@ -24,8 +24,8 @@ use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
-use crate::sink::DeliveryReport;
 use crate::sink::Sink;
+use crate::sink::DeliveryReport;
 use crate::state::StateStore;
 
 mod events;

@@ -1,5 +1,6 @@
 //! Where records go: the seam every sink sits behind (Kafka in `kafka`,
-//! Redis in `redis`, and stdout as JSON lines in `stdout`).
+//! Redis in `redis`, NATS JetStream in `nats`, and stdout as JSON lines in
+//! `stdout`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -31,10 +32,12 @@ use crate::pgoutput::Timestamp;
 use kafka::Producer;
 
 pub mod kafka;
+pub mod nats;
 pub mod redis;
 mod stdout;
 pub mod task;
 
+pub use nats::NatsSink;
 pub use redis::RedisSink;
 pub use stdout::{json_line, StdoutSink};
 
@@ -127,6 +130,7 @@ impl SinkKind {
             SinkKind::Kafka => "kafka",
             SinkKind::Stdout => "stdout",
             SinkKind::Redis => "redis",
+            SinkKind::Nats => "nats",
         }
     }
 }
@@ -135,6 +139,7 @@ pub enum Sink {
     Kafka(Producer),
     Stdout(StdoutSink),
     Redis(RedisSink),
+    Nats(NatsSink),
 }
 
 impl Sink {
@@ -156,6 +161,10 @@ impl Sink {
                 let (r, rx) = RedisSink::new(&cfg.redis, metrics)?;
                 Ok((Sink::Redis(r), rx))
             }
+            SinkKind::Nats => {
+                let (s, rx) = NatsSink::new(&cfg.nats, metrics)?;
+                Ok((Sink::Nats(s), rx))
+            }
         }
     }
 
@@ -163,16 +172,18 @@ impl Sink {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
             Sink::Stdout(_) | Sink::Redis(_) => Ok(()),
+            Sink::Nats(s) => s.ensure_topic(topic).await,
         }
     }
 
     /// Waits until a sink that connects in the background is connected: the
     /// session asks before it streams, so an unreachable destination is a
     /// `Connect` error (retried, and `/readyz` says why).
-    pub async fn ready(&self) -> Result<(), SinkSetupError> {
+    pub async fn ready(&mut self) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.ready().await,
+            Sink::Nats(s) => s.ready().await,
         }
     }
 
@@ -182,6 +193,10 @@ impl Sink {
         match self {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.check(),
+            Sink::Nats(s) => match s.fatal_error() {
+                Some(error) => Err(SendError::Unavailable { sink: "NATS", error }),
+                None => Ok(()),
+            },
         }
     }
 
@@ -190,6 +205,7 @@ impl Sink {
             Sink::Kafka(p) => p.send(seq, commit_time, record),
             Sink::Stdout(s) => s.send(seq, record),
             Sink::Redis(r) => r.send(seq, commit_time, record),
+            Sink::Nats(s) => s.send(seq, commit_time, record),
         }
     }
 
@@ -199,6 +215,7 @@ impl Sink {
             Sink::Kafka(p) => p.fatal_error(),
             Sink::Stdout(_) => None,
             Sink::Redis(r) => r.fatal_error(),
+            Sink::Nats(s) => s.fatal_error(),
         }
     }
 
@@ -208,6 +225,7 @@ impl Sink {
             Sink::Kafka(p) => p.queued(),
             Sink::Stdout(_) => 0,
             Sink::Redis(r) => r.queued(),
+            Sink::Nats(s) => s.queued(),
         }
     }
 }

@@ -23,6 +23,7 @@ mod logical_messages;
 mod matrix;
 mod metrics;
 mod mock_broker;
+mod nats;
 mod partitioned;
 mod redis;
 mod replay;

@@ -12,6 +12,7 @@
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
 //! - `redis`: the Redis server (shared, or of a test's own) and reading streams back
+//! - `nats`: nats-server with JetStream (shared, or of a test's own), streams read back
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -23,6 +24,7 @@ use outbox_relay::lsn::Lsn;
 mod case;
 mod cluster;
 mod kafka;
+pub mod nats;
 mod postgres;
 mod process;
 pub mod redis;
