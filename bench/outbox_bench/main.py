@@ -48,7 +48,7 @@ def sink_comparison(b: Bench, started: str, pg: dict[str, str], t_start: float) 
     res["settings"]["live_consumer"] = False
     res["settings"]["live_topic_seconds"] = 0
     res["sink_servers"] = {k: {"url": v.url, "durability": v.durability, "version": v.version,
-                               "relay_config": v.config} for k, v in servers.items()}
+                               "relay_config": v.config("<run>")} for k, v in servers.items()}
     res.update(run_sinks(b, servers))
     res["other_load_cores_whole_run"] = whole.stop()["other_load_cores"]
     res["total_seconds"] = time.monotonic() - t_start

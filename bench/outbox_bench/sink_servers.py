@@ -58,15 +58,23 @@ def sink_list(v: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def sink_config(kind: str, url: str) -> str:
-    """The relay's [sink] and sink sections (TOML appended to its config) for a server at url."""
+def nats_stream(run: str) -> str:
+    """The JetStream stream of one relay run: a stream of its own, because JetStream drops a
+    message whose Nats-Msg-Id (the event id) it stored within the duplicate window (2 min),
+    and every round of a catch-up sends the same events."""
+    return NATS_STREAM + ("_" + re.sub(r"[^A-Za-z0-9_-]", "_", run) if run else "")
+
+
+def sink_config(kind: str, url: str, run: str = "") -> str:
+    """The relay's [sink] and sink sections (TOML appended to its config) for a server at
+    url; run: the relay run's name (NATS: its own stream)."""
     if kind == "kafka":
         return ""  # the default sink; [kafka] is in every config the benchmark writes
     if kind == "redis":
         return f'\n[sink]\nkind = "redis"\n\n[redis]\nurl = "{url}"\n'
     if kind == "nats":
         return (f'\n[sink]\nkind = "nats"\n\n[nats]\nurl = "{url}"\n'
-                f'create_stream = true\nstream = "{NATS_STREAM}"\n')
+                f'create_stream = true\nstream = "{nats_stream(run)}"\n')
     if kind == "rabbitmq":
         return (f'\n[sink]\nkind = "rabbitmq"\n\n[rabbitmq]\nurl = "{url}"\n'
                 f'exchange = "{RABBITMQ_EXCHANGE}"\ndeclare = true\n')
@@ -131,21 +139,19 @@ def count_aof_rewrites(log_text: str) -> int:
     return log_text.count("Background append only file rewriting started")
 
 
-def parse_jsz_messages(body: str, stream: str) -> int | None:
-    """Messages stored in `stream` from nats-server's /jsz?streams=true answer."""
+def parse_jsz_messages(body: str, prefix: str) -> int:
+    """Messages stored in the streams named `prefix` or `prefix_*`, from nats-server's
+    /jsz?streams=true answer."""
     doc = json.loads(body)
-    for acc in doc.get("account_details") or []:
-        for st in acc.get("stream_detail") or []:
-            if st.get("name") == stream:
-                return int(st.get("state", {}).get("messages", 0))
-    return None
+    return sum(int(st.get("state", {}).get("messages", 0))
+               for acc in doc.get("account_details") or [] for st in acc.get("stream_detail") or []
+               if st.get("name") == prefix or str(st.get("name", "")).startswith(prefix + "_"))
 
 
 @dataclass
 class SinkServer:
     kind: str
     url: str  # what the relay connects to
-    config: str  # TOML appended to the relay's config
     pid: int | None  # the process tree whose CPU is the server's (None: not ours)
     log_path: Path | None
     durability: str
@@ -159,6 +165,10 @@ class SinkServer:
     counters: Callable[[], dict[str, int]] = field(default=lambda: {})
     pausable: bool = False
     paused: bool = False
+
+    def config(self, run: str) -> str:
+        """TOML appended to the config of the relay run `run`."""
+        return sink_config(self.kind, self.url, run)
 
     def cpu_seconds(self) -> float | None:
         return tree_cpu_seconds(self.pid) if self.pid else None
@@ -247,7 +257,7 @@ def start_redis(logs: Path) -> SinkServer:
     def count() -> int | None:
         keys = run([REDIS_CLI, "-p", port, "--scan"], check=False).stdout.split()
         return sum(int(run([REDIS_CLI, "-p", port, "XLEN", k], check=False).stdout.strip() or 0) for k in keys)
-    return SinkServer(kind="redis", url=url, config=sink_config("redis", url), pid=wd.pid, log_path=log_path,
+    return SinkServer(kind="redis", url=url, pid=wd.pid, log_path=log_path,
                       durability=DURABILITY["redis"], version=_version([REDIS_BIN, "--version"], r"v=\S+"),
                       count=count, pausable=True,
                       counters=lambda: {"aof_rewrites": count_aof_rewrites(log_path.read_text(errors="replace"))})
@@ -264,10 +274,10 @@ def start_nats(logs: Path) -> SinkServer:
     def count() -> int | None:
         try:
             _, body = http_get(f"http://127.0.0.1:{mport}/jsz?streams=true", timeout=5)
-            return parse_jsz_messages(body, NATS_STREAM) or 0
+            return parse_jsz_messages(body, NATS_STREAM)
         except (OSError, ValueError):
             return None
-    return SinkServer(kind="nats", url=url, config=sink_config("nats", url), pid=wd.pid, log_path=log_path,
+    return SinkServer(kind="nats", url=url, pid=wd.pid, log_path=log_path,
                       durability=DURABILITY["nats"], version=_version([NATS_BIN, "--version"], r"v\d\S*"),
                       count=count, pausable=True)
 
@@ -325,13 +335,13 @@ def start_rabbitmq(logs: Path) -> SinkServer:
         return None
 
     url = f"amqp://guest:guest@127.0.0.1:{port}/%2f"
-    return SinkServer(kind="rabbitmq", url=url, config=sink_config("rabbitmq", url), pid=wd.pid,
+    return SinkServer(kind="rabbitmq", url=url, pid=wd.pid,
                       log_path=log_path, durability=DURABILITY["rabbitmq"], version=f"RabbitMQ {version}",
                       count=count, reset=lambda: ctl("purge_queue", RABBITMQ_QUEUE) and None, pausable=True)
 
 
 def kafka_server(brokers: str, tansu: subprocess.Popen | None, version: str | None) -> SinkServer:
-    return SinkServer(kind="kafka", url=brokers, config="", pid=tansu.pid if tansu else None, log_path=None,
+    return SinkServer(kind="kafka", url=brokers, pid=tansu.pid if tansu else None, log_path=None,
                       durability=DURABILITY["kafka"] if tansu else f"--brokers {brokers}", version=version)
 
 

@@ -8,7 +8,7 @@ from .cpu import process_tree
 from .phases.sinks import catchup_slots, round_order
 from .report import sinks_markdown
 from .settings import parse_args
-from .sink_servers import (SINKS, count_aof_rewrites, parse_jsz_messages, rabbitmq_definitions, rabbitmq_env, redis_args, sink_config,
+from .sink_servers import (SINKS, count_aof_rewrites, nats_stream, parse_jsz_messages, rabbitmq_definitions, rabbitmq_env, redis_args, sink_config,
                            sink_list, watchdog_script)
 
 BASE = '[postgres]\nurl = "postgresql://u@h/d"\n[kafka]\nbrokers = "h:9092"\n'
@@ -56,6 +56,10 @@ class SinkConfigTest(unittest.TestCase):
             self.assertEqual(doc["sink"], {"kind": kind})
             self.assertEqual(doc[kind]["url"], url)
         self.assertEqual(tomllib.loads(sink_config("nats", "u"))["nats"]["create_stream"], True)
+        # A stream per relay run: JetStream would drop a round's repeats of the same event ids.
+        self.assertEqual(tomllib.loads(sink_config("nats", "u", "tx100_200b-nats-1"))["nats"]["stream"],
+                         "BENCH_tx100_200b-nats-1")
+        self.assertEqual(nats_stream("a.b c*>"), "BENCH_a_b_c__")
         self.assertEqual(tomllib.loads(sink_config("rabbitmq", "u"))["rabbitmq"],
                          {"url": "u", "exchange": "outbox", "declare": True})
         with self.assertRaises(ValueError):
@@ -98,9 +102,10 @@ class SinkConfigTest(unittest.TestCase):
 
     def test_parse_jsz(self):
         body = json.dumps({"account_details": [{"stream_detail": [
-            {"name": "OTHER", "state": {"messages": 5}}, {"name": "BENCH", "state": {"messages": 1234}}]}]})
-        self.assertEqual(parse_jsz_messages(body, "BENCH"), 1234)
-        self.assertIsNone(parse_jsz_messages(json.dumps({"streams": 0}), "BENCH"))
+            {"name": "OTHER", "state": {"messages": 5}}, {"name": "BENCH_x-0", "state": {"messages": 1234}},
+            {"name": "BENCH_live", "state": {"messages": 6}}, {"name": "BENCHMARK", "state": {"messages": 7}}]}]})
+        self.assertEqual(parse_jsz_messages(body, "BENCH"), 1240)
+        self.assertEqual(parse_jsz_messages(json.dumps({"streams": 0}), "BENCH"), 0)
 
 
 class PhaseHelpersTest(unittest.TestCase):

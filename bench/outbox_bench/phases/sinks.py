@@ -62,9 +62,10 @@ def sink_catchup(b: Bench, w, servers: dict[str, SinkServer]) -> dict:
             srv = servers[k]
             activate(servers, k)
             before, counters0 = srv.count(), srv.counters()
+            name = f"{w.name.lower()}-{k}-{i}"
             r = run_relay_catchup(b, slot=relay_slots[(k, i)], publication=bl.publication, table=bl.table,
-                                  end=bl.end, events=events, name=f"{w.name.lower()}-{k}-{i}",
-                                  extra_config=srv.config, sink_cpu=srv.cpu_seconds)
+                                  end=bl.end, events=events, name=name, extra_config=srv.config(name),
+                                  sink_cpu=srv.cpu_seconds)
             drop_slot(db, relay_slots[(k, i)])
             after, counters1 = srv.count(), srv.counters()
             r["stored_by_sink"] = after - before if before is not None and after is not None else None
@@ -115,7 +116,7 @@ def sink_live(b: Bench, servers: dict[str, SinkServer]) -> dict[str, list[dict]]
     for k, srv in servers.items():
         activate(servers, k)
         log(f"live: {k}")
-        res = run_live(b, name=f"live_{k}", consumer=False, topic_seconds=0, extra=srv.config,
+        res = run_live(b, name=f"live_{k}", consumer=False, topic_seconds=0, extra=srv.config(f"live_{k}"),
                        broker_pid=srv.pid)
         for r in res:
             bc = r.get("broker_cores")
