@@ -275,8 +275,8 @@ def sinks_markdown(res: dict) -> str:
             "interpolated in its buckets, the bucket's bound in brackets.",
             "",
             "| sink | rate | achieved | commit-to-ack p50 (ms) | p99 (ms) | relay CPU (ms per 1,000 events) "
-            "| relay (cores) | relay RSS (MB) | sink server (cores) | other load (cores) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| relay (cores) | relay RSS (MB) | sink server (cores) | pgbench latency avg (ms) | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for k, rs in live.items():
             for r in rs:
@@ -285,6 +285,11 @@ def sinks_markdown(res: dict) -> str:
                     f"| {k} | {r['target_rate']:,}/s | {r['achieved_rate']:,.0f}/s | {_sink_hist_cell(h, 'p50')} "
                     f"| {_sink_hist_cell(h, 'p99')} | {fmt(r.get('relay_cpu_s_per_million_events'), '.1f')} "
                     f"| {r['relay_cores']:.3f} | {fmt(r.get('relay_rss_mb'), '.1f')} "
-                    f"| {fmt(r.get('sink_server_cores'), '.3f')} | {r.get('other_load_cores', 0.0):.2f} |")
+                    f"| {fmt(r.get('sink_server_cores'), '.3f')} | {fmt(r.get('pgbench_commit_latency_avg_ms'), '.1f')} "
+                    f"| {r.get('other_load_cores', 0.0):.2f} |")
+        notes = [f"{k}: " + ", ".join(f"{v} {c.replace('_', ' ')}" for c, v in counters.items())
+                 for k, rs in live.items() if rs and (counters := rs[0].get("sink_server_counters_whole_live_run"))]
+        if notes:
+            lines += ["", "During the live phase (all rates): " + "; ".join(notes) + "."]
     lines += [""] + [f"- {k}: {v['durability']}" for k, v in res["sink_servers"].items()]
     return "\n".join(lines) + "\n"

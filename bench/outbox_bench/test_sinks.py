@@ -140,7 +140,7 @@ def sink_results() -> dict:
     def live(rate, h, **kw):
         return {"target_rate": rate, "achieved_rate": rate * 0.999, "seconds": 20, "relay_histogram": h,
                 "relay_cpu_s_per_million_events": 60.0, "relay_cores": 0.06, "relay_rss_mb": 18.25,
-                "sink_server_cores": 0.123, "other_load_cores": 0.01, **kw}
+                "sink_server_cores": 0.123, "other_load_cores": 0.01, "pgbench_commit_latency_avg_ms": 1.25, **kw}
     return {
         "started": "2026-12-01T23:00:00+0000", "total_seconds": 300.4,
         "machine": {"nproc": 2, "cpu_model": "Test CPU", "memory_gb": 7.8, "postgresql": "postgres 15.1"},
@@ -157,7 +157,8 @@ def sink_results() -> dict:
                                          "relay_over_read_limit": 0.5,
                                          "relay_peak_rss_mb_max": 20.04, "other_load_cores_max": 0.31}}}],
         "live": {"kafka": [live(1000, hist(20_000, 8.0, 10.0, 14.9, 15.0))],
-                 "redis": [live(1000, hist(0, None, None, None, None))]},
+                 "redis": [live(1000, hist(0, None, None, None, None),
+                                sink_server_counters_whole_live_run={"aof_rewrites": 1})]},
     }
 
 
@@ -171,8 +172,10 @@ class SinksMarkdownTest(unittest.TestCase):
         self.assertIn("| kafka | 150,000 | 1.50 | 4.2 | 30.0 | n/a | n/a | 0.00 |", md)
         self.assertIn("| redis | 50,000 | 0.50 | 4.2 | 20.0 | 8.0 | 100,000 | 0.31 |", md)
         self.assertIn("During the catch-up (best run): redis: 5 aof rewrites.", md)
-        self.assertIn("| kafka | 1,000/s | 999/s | 8.0 (≤ 10) | 14.9 (≤ 15) | 60.0 | 0.060 | 18.2 | 0.123 | 0.01 |", md)
-        self.assertIn("| redis | 1,000/s | 999/s | n/a | n/a | 60.0 | 0.060 | 18.2 | 0.123 | 0.01 |", md)
+        self.assertIn("| kafka | 1,000/s | 999/s | 8.0 (≤ 10) | 14.9 (≤ 15) | 60.0 | 0.060 | 18.2 | 0.123 | 1.2 "
+                      "| 0.01 |", md)
+        self.assertIn("| redis | 1,000/s | 999/s | n/a | n/a | 60.0 | 0.060 | 18.2 | 0.123 | 1.2 | 0.01 |", md)
+        self.assertIn("During the live phase (all rates): redis: 1 aof rewrites.", md)
         self.assertEqual(md[-2:], ["- kafka: memory", "- redis: appendfsync always"])
 
     def test_without_live(self):

@@ -116,9 +116,12 @@ def sink_live(b: Bench, servers: dict[str, SinkServer]) -> dict[str, list[dict]]
     for k, srv in servers.items():
         activate(servers, k)
         log(f"live: {k}")
+        counters0 = srv.counters()
         res = run_live(b, name=f"live_{k}", consumer=False, topic_seconds=0, extra=srv.config(f"live_{k}"),
                        broker_pid=srv.pid)
+        counters = {c: v - counters0.get(c, 0) for c, v in srv.counters().items()}
         for r in res:
+            r["sink_server_counters_whole_live_run"] = counters
             bc = r.get("broker_cores")
             r["sink_server_cores"] = bc
             h = r["relay_histogram"]
