@@ -21,6 +21,7 @@ mod names;
 mod nats;
 mod outbox;
 mod postgres;
+mod rabbitmq;
 mod redis;
 mod relay;
 mod replay;
@@ -37,7 +38,8 @@ pub use outbox::{
     Preset, RelayHeader, ValueFormat,
 };
 pub use postgres::{FailoverSlot, PostgresConfig, ENV_POSTGRES_URL};
-pub use redis::{RedisConfig, RedisMode, TlsFiles, ENV_REDIS_URL};
+pub use rabbitmq::{ExchangeType, RabbitMqConfig, ENV_RABBITMQ_URL};
+pub use redis::{RedisConfig, RedisMode, ENV_REDIS_URL};
 pub use relay::{MetricsConfig, RelayConfig};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
@@ -68,6 +70,8 @@ struct Raw {
     redis: RedisConfig,
     #[serde(default)]
     nats: NatsConfig,
+    #[serde(default)]
+    rabbitmq: RabbitMqConfig,
 }
 
 /// A validated configuration: the sections as written (with defaults and
@@ -85,6 +89,7 @@ pub struct Config {
     pub shard: ShardConfig,
     pub redis: RedisConfig,
     pub nats: NatsConfig,
+    pub rabbitmq: RabbitMqConfig,
     table: TableName,
     topic: Vec<TemplatePart>,
     pg: PgTarget,
@@ -146,6 +151,7 @@ impl Config {
         raw.shard.resolve(&env)?;
         raw.redis.resolve(&env)?;
         raw.nats.resolve(&env, raw.sink.kind)?;
+        raw.rabbitmq.resolve(&env, raw.sink.kind)?;
         let pg = raw.postgres.target()?;
         raw.postgres.validate()?;
         let table = TableName::parse("outbox.table", &raw.outbox.table)?;
@@ -185,6 +191,7 @@ impl Config {
             shard: raw.shard,
             redis: raw.redis,
             nats: raw.nats,
+            rabbitmq: raw.rabbitmq,
             table,
             topic,
             pg,

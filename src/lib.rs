@@ -8,7 +8,7 @@
 //! - [`transport`]: the stream to PostgreSQL for both connections: socket, `sslmode`, TLS.
 //! - [`replication`]: the replication connection (startup, auth, CopyBoth, status updates).
 //! - [`outbox`]: a decoded outbox row to a Kafka record (topic, key, value, headers).
-//! - [`sink`]: where records go and how their acknowledgements come back: `sink::kafka` (the producer and its delivery reports), `sink::redis` (Redis Streams or pub/sub), stdout for `tail` and debugging.
+//! - [`sink`]: where records go and how their acknowledgements come back: `sink::kafka` (the producer and its delivery reports), `sink::redis` (Redis Streams or pub/sub), `sink::nats` (NATS JetStream), `sink::rabbitmq` (RabbitMQ with publisher confirms), stdout for `tail` and debugging.
 //! - [`ack`]: which LSN may be confirmed.
 //! - [`setup`]: preflight checks, publication and slot management over plain SQL; `setup::server`: the server's version, primary or standby, and the settings failover depends on.
 //! - [`shard`]: which rows belong to a shard (row filter), shard slot and publication names.

@@ -24,8 +24,8 @@ use crate::outbox::{lsn_header, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{self, Message, RelationCache, Timestamp};
 use crate::replication::{self, ReplicationError, StatusWriter, StreamEvent, StreamReader};
 use crate::setup;
-use crate::sink::Sink;
 use crate::sink::DeliveryReport;
+use crate::sink::Sink;
 use crate::state::StateStore;
 
 mod events;
@@ -140,6 +140,11 @@ impl Session<'_> {
         if let Some(dlq) = records.dead_letter_topic() {
             producer.ensure_topic(dlq).await?;
         }
+        // The sink's connection first (RabbitMQ: up to its connect timeout).
+        tokio::select! {
+            ready = producer.ready() => ready?,
+            _ = wait_shutdown(shutdown) => return Ok(SessionEnd::Stopped),
+        }
         let start = match self.opts.start_lsn {
             Some(start) if self.first => start,
             _ => Lsn::ZERO,
@@ -239,10 +244,13 @@ impl Session<'_> {
                     self.metrics.records_in_flight.set(s.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(producer.queued()));
                     let requests = takes_requests.then_some(&mut *requests);
-                    match self.on_tick(&mut s, &mut writer, requests).await {
-                        Ok(Some(end)) => break Ok(end),
-                        Ok(None) => Ok(()),
-                        Err(e) => Err(e),
+                    match producer.check() {
+                        Err(e) => Err(RelayError::Send(e)),
+                        Ok(()) => match self.on_tick(&mut s, &mut writer, requests).await {
+                            Ok(Some(end)) => break Ok(end),
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        },
                     }
                 }
                 // Before the reports too, for the same reason.

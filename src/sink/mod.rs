@@ -1,6 +1,6 @@
 //! Where records go: the seam every sink sits behind (Kafka in `kafka`,
-//! Redis in `redis`, NATS JetStream in `nats`, and stdout as JSON lines in
-//! `stdout`).
+//! Redis in `redis`, NATS JetStream in `nats`, RabbitMQ in `rabbitmq`, and
+//! stdout as JSON lines in `stdout`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -33,11 +33,13 @@ use kafka::Producer;
 
 pub mod kafka;
 pub mod nats;
+pub mod rabbitmq;
 pub mod redis;
 mod stdout;
 pub mod task;
 
 pub use nats::NatsSink;
+pub use rabbitmq::RabbitMqSink;
 pub use redis::RedisSink;
 pub use stdout::{json_line, StdoutSink};
 
@@ -131,6 +133,7 @@ impl SinkKind {
             SinkKind::Stdout => "stdout",
             SinkKind::Redis => "redis",
             SinkKind::Nats => "nats",
+            SinkKind::RabbitMq => "rabbitmq",
         }
     }
 }
@@ -140,6 +143,7 @@ pub enum Sink {
     Stdout(StdoutSink),
     Redis(RedisSink),
     Nats(NatsSink),
+    RabbitMq(RabbitMqSink),
 }
 
 impl Sink {
@@ -165,13 +169,18 @@ impl Sink {
                 let (s, rx) = NatsSink::new(&cfg.nats, metrics)?;
                 Ok((Sink::Nats(s), rx))
             }
+            SinkKind::RabbitMq => {
+                let (s, rx) = RabbitMqSink::new(&cfg.rabbitmq, metrics)?;
+                Ok((Sink::RabbitMq(s), rx))
+            }
         }
     }
 
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
-            Sink::Stdout(_) | Sink::Redis(_) => Ok(()),
+            // Routing keys need no creating; an unroutable record comes back per record.
+            Sink::Stdout(_) | Sink::Redis(_) | Sink::RabbitMq(_) => Ok(()),
             Sink::Nats(s) => s.ensure_topic(topic).await,
         }
     }
@@ -184,6 +193,7 @@ impl Sink {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.ready().await,
             Sink::Nats(s) => s.ready().await,
+            Sink::RabbitMq(s) => s.ready().await,
         }
     }
 
@@ -194,9 +204,13 @@ impl Sink {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.check(),
             Sink::Nats(s) => match s.fatal_error() {
-                Some(error) => Err(SendError::Unavailable { sink: "NATS", error }),
+                Some(error) => Err(SendError::Unavailable {
+                    sink: "NATS",
+                    error,
+                }),
                 None => Ok(()),
             },
+            Sink::RabbitMq(s) => s.check(),
         }
     }
 
@@ -206,6 +220,7 @@ impl Sink {
             Sink::Stdout(s) => s.send(seq, record),
             Sink::Redis(r) => r.send(seq, commit_time, record),
             Sink::Nats(s) => s.send(seq, commit_time, record),
+            Sink::RabbitMq(s) => s.send(seq, commit_time, record),
         }
     }
 
@@ -216,6 +231,7 @@ impl Sink {
             Sink::Stdout(_) => None,
             Sink::Redis(r) => r.fatal_error(),
             Sink::Nats(s) => s.fatal_error(),
+            Sink::RabbitMq(s) => s.fatal_error(),
         }
     }
 
@@ -226,6 +242,7 @@ impl Sink {
             Sink::Stdout(_) => 0,
             Sink::Redis(r) => r.queued(),
             Sink::Nats(s) => s.queued(),
+            Sink::RabbitMq(s) => s.queued(),
         }
     }
 }

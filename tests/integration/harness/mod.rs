@@ -8,6 +8,7 @@
 //! - `cluster`: `PgCluster`, a PostgreSQL of a test's own (restart, crash, promote)
 //! - `standby`: physical standbys of a `PgCluster`, replay positions, multi-host URLs
 //! - `tansu`: the broker, shared or of a test's own
+//! - `rabbitmq`: RabbitMQ servers (shared or of a test's own) and reading messages back
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
@@ -27,6 +28,7 @@ mod kafka;
 pub mod nats;
 mod postgres;
 mod process;
+pub mod rabbitmq;
 pub mod redis;
 mod relay;
 mod servers;
