@@ -169,6 +169,15 @@ class PgCpu:
         }
 
 
+def drop(db: Sql, st: Started) -> None:
+    """The mode's table (and slot, publication): no vacuum of it, no WAL kept for it, in
+    the measurements that follow."""
+    if not st.mode.poll:
+        db.query(f"SELECT pg_drop_replication_slot('{st.slot}')")
+        db.query(f"DROP PUBLICATION {st.publication}")
+    db.query(f"DROP TABLE public.{st.table}")
+
+
 def done(db: Sql, st: Started, end: str | None) -> bool:
     if not st.mode.poll:
         return SlotWatch(db, st.slot, end).poll()
@@ -200,6 +209,7 @@ def catchup(b: Bench, mode: Mode, events: int) -> dict:
     after = scrape(relay.metrics)
     pg_cpu = pg.stop(events)
     stop_process(relay.proc, signal.SIGTERM, timeout=60)
+    drop(db, st)
     r = {"mode": mode.label(), "events": events, "seconds": round(secs, 2), "events_per_s": round(events / secs),
          "relay_cpu_ms_per_1000_events": round(relay_cpu / events * 1e6, 2),
          "polls": prom_sum(after, "outbox_relay_poll_queries_total"),
@@ -253,6 +263,7 @@ def live(b: Bench, mode: Mode, rates: list[int], seconds: int) -> list[dict]:
             f"{r['serving_cpu_ms_per_1000_events']}; other load {r['other_load_cores']:.2f}")
         out.append(r)
     stop_process(relay.proc, signal.SIGTERM, timeout=60)
+    drop(db, st)
     return out
 
 

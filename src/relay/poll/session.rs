@@ -258,6 +258,7 @@ impl Poller<'_> {
         let limit = batch + self.tracker.outstanding();
         let now = Instant::now();
         let rows = self.poll.run(self.client, limit).await?;
+        let took = now.elapsed();
         let m = &self.metrics.poll;
         m.rows_read.inc_by(rows.len() as u64);
         // Cut by the limit: more rows may wait right behind.
@@ -274,6 +275,7 @@ impl Poller<'_> {
         }
         let found = !self.fetched.is_empty();
         self.was_empty = !found;
+        tracing::debug!(took = ?took, new = self.fetched.len(), in_flight = self.tracker.in_flight(), outstanding = self.tracker.outstanding(), more, "polled");
         m.queries
             .with_label_values(&[if found { "rows" } else { "empty" }])
             .inc();
@@ -346,10 +348,12 @@ impl Poller<'_> {
         if values.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         self.client
             .execute(&self.removal, &[&values])
             .await
             .map_err(setup::q("removing sent rows"))?;
+        tracing::debug!(took = ?started.elapsed(), rows = values.len(), "removed sent rows");
         self.tracker.removed(&values);
         self.metrics.poll.rows_removed.inc_by(values.len() as u64);
         Ok(())
