@@ -7,7 +7,7 @@
 //! created) or a problem the user must fix ([`plan`], pure), and only when no
 //! check failed creates the outbox table, the publication and the slot.
 //! `status` prints the slot's progress. With `source.kind = "poll"` both
-//! print what polling needs instead (`poll::admin`). The SQL itself (queries and DDL) lives
+//! print what polling needs instead (`admin::poll`). The SQL itself (queries and DDL) lives
 //! in `setup`; argument parsing lives in `cli`.
 
 use std::io::Write;
@@ -20,6 +20,7 @@ use crate::config::{Config, SourceKind};
 use crate::setup::{self, SetupError};
 
 mod init;
+mod poll;
 mod replay;
 mod status;
 
@@ -79,7 +80,7 @@ pub async fn status(
     all_shards: bool,
 ) -> Result<Option<u8>, SetupError> {
     if cfg.source.kind == SourceKind::Poll {
-        return crate::poll::admin::status(&client, cfg, config_path, json).await;
+        return poll::status(&client, cfg, config_path, json).await;
     }
     {
         let mut out = std::io::stdout().lock();
@@ -128,7 +129,7 @@ pub async fn replay(
 ) -> Result<Option<u8>, SetupError> {
     if cfg.source.kind == SourceKind::Poll {
         return Err(SetupError::Poll(Box::new(
-            crate::poll::PollError::WalOnly { what: "replay" },
+            crate::setup::poll::PollError::WalOnly { what: "replay" },
         )));
     }
     replay::run(client, cfg, args).await

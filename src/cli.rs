@@ -18,7 +18,7 @@ use crate::setup::SetupError;
 
 const EXIT_HELP: &str = "Exit codes: 0 clean shutdown, 1 runtime failure (PostgreSQL or Kafka problem the relay cannot retry), 2 bad usage or configuration.
 
-Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, OUTBOX_RELAY_KAFKA_BROKERS overrides kafka.brokers, RUST_LOG sets the log filter (default \"info\").";
+Environment: OUTBOX_RELAY_POSTGRES_URL overrides postgres.url, OUTBOX_RELAY_KAFKA_BROKERS overrides kafka.brokers, OUTBOX_RELAY_REDIS_URL / _NATS_URL / _RABBITMQ_URL override redis.url / nats.url / rabbitmq.url, RUST_LOG sets the log filter (default \"info\").";
 
 #[derive(Debug, Parser)]
 #[command(name = "outbox-relay", version, about = "Relays transactional outbox rows from PostgreSQL logical replication to Kafka", after_help = EXIT_HELP)]
@@ -144,8 +144,10 @@ pub enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // lapin logs every message RabbitMQ returns (payload included) as a
+    // warning; the relay reports the record itself, without the payload.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,lapin::returned_messages=error".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -179,14 +181,20 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
             Ok(cfg) => {
+                // Never a sink's URL: it may hold a password.
+                let sink = match cfg.sink.kind {
+                    SinkKind::Kafka => {
+                        format!("brokers {:?}", cfg.kafka.brokers)
+                    }
+                    other => format!("sink {}", other.label()),
+                };
                 println!(
-                    "{}: ok (slot {:?}, publication {:?}, table {}, topic template {:?}, brokers {:?})",
+                    "{}: ok (slot {:?}, publication {:?}, table {}, topic template {:?}, {sink})",
                     config.display(),
                     cfg.postgres.slot,
                     cfg.postgres.publication,
                     cfg.outbox.table,
                     cfg.outbox.topic,
-                    cfg.kafka.brokers
                 );
                 ExitCode::SUCCESS
             }

@@ -18,12 +18,15 @@ use serde::Deserialize;
 
 mod kafka;
 mod names;
+mod nats;
 mod outbox;
 mod poll;
 mod postgres;
+mod rabbitmq;
 mod redis;
 mod relay;
 mod replay;
+mod secret;
 mod shard;
 mod topic;
 
@@ -31,44 +34,38 @@ use crate::transport::PgTarget;
 pub use kafka::{KafkaConfig, ENV_KAFKA_BROKERS};
 pub(crate) use names::validate_identifier;
 pub use names::{quote_ident, quote_literal, TableName};
+pub use nats::{NatsConfig, ENV_NATS_URL};
 pub use outbox::{
     Columns, Format, KeyFormat, OnInvalid, OptionalColumn, OutboxConfig, Placement, PlacementKind,
     Preset, RelayHeader, ValueFormat,
 };
 pub use poll::{AfterSend, PollConfig, SourceConfig, SourceKind};
 pub use postgres::{FailoverSlot, PostgresConfig, ENV_POSTGRES_URL};
-pub use redis::{RedisConfig, RedisMode, TlsFiles, ENV_REDIS_URL};
+pub use rabbitmq::{ExchangeType, RabbitMqConfig, ENV_RABBITMQ_URL};
+pub use redis::{RedisConfig, RedisMode, ENV_REDIS_URL};
 pub use relay::{MetricsConfig, RelayConfig};
 pub use replay::{parse_window, CheckpointConfig, ReplayConfig, SinkConfig, SinkKind, Window};
 pub use shard::{ShardConfig, ENV_SHARD_COUNT, ENV_SHARD_INDEX};
 pub use topic::{parse_topic_template, valid_topic, TemplatePart};
 
 /// The file as written: sections with their defaults, nothing resolved yet.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every section may be left out (`postgres.url` can come from the environment).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct Raw {
     postgres: PostgresConfig,
-    #[serde(default)]
     outbox: OutboxConfig,
-    #[serde(default)]
     kafka: KafkaConfig,
-    #[serde(default)]
     relay: RelayConfig,
-    #[serde(default)]
     metrics: MetricsConfig,
-    #[serde(default)]
     checkpoint: CheckpointConfig,
-    #[serde(default)]
     replay: ReplayConfig,
-    #[serde(default)]
     sink: SinkConfig,
-    #[serde(default)]
     shard: ShardConfig,
-    #[serde(default)]
     redis: RedisConfig,
-    #[serde(default)]
+    nats: NatsConfig,
+    rabbitmq: RabbitMqConfig,
     source: SourceConfig,
-    #[serde(default)]
     poll: PollConfig,
 }
 
@@ -86,6 +83,8 @@ pub struct Config {
     pub sink: SinkConfig,
     pub shard: ShardConfig,
     pub redis: RedisConfig,
+    pub nats: NatsConfig,
+    pub rabbitmq: RabbitMqConfig,
     pub source: SourceConfig,
     pub poll: PollConfig,
     table: TableName,
@@ -148,6 +147,8 @@ impl Config {
         raw.kafka.apply_env(&env);
         raw.shard.resolve(&env)?;
         raw.redis.resolve(&env)?;
+        raw.nats.resolve(&env, raw.sink.kind)?;
+        raw.rabbitmq.resolve(&env, raw.sink.kind)?;
         let pg = raw.postgres.target()?;
         raw.postgres.validate()?;
         let table = TableName::parse("outbox.table", &raw.outbox.table)?;
@@ -187,6 +188,8 @@ impl Config {
             sink: raw.sink,
             shard: raw.shard,
             redis: raw.redis,
+            nats: raw.nats,
+            rabbitmq: raw.rabbitmq,
             source: raw.source,
             poll: raw.poll,
             table,

@@ -2,7 +2,7 @@
 //!
 //! [`run_with`] runs one session of the configured source at a time (the
 //! source seam, `source`: the WAL through a replication slot, `session`; or
-//! polling the table, `crate::poll`) and in between decides from the error's
+//! polling the table, `relay::poll`) and in between decides from the error's
 //! [`Disposition`] whether to reconnect with jittered backoff, stand by while
 //! another instance is active, or stop; it owns the sink and replaces a broken
 //! one. The record path both sources share is `records`. It owns no protocol
@@ -26,6 +26,7 @@ use crate::sink::{DeliveryError, SendError, SinkSetupError};
 mod checkpoint;
 mod plan;
 pub mod policy;
+pub mod poll;
 pub(crate) mod records;
 mod session;
 mod source;
@@ -49,7 +50,7 @@ pub enum RelayError {
     Mapping(#[from] MappingError),
     /// The polling source (`poll`): its checks, queries and leader lock.
     #[error(transparent)]
-    Poll(Box<crate::poll::PollError>),
+    Poll(Box<crate::setup::poll::PollError>),
     #[error(transparent)]
     Sink(#[from] SinkSetupError),
     #[error("{0}; the slot stays at the last acknowledged position and the relay streams again from there")]
@@ -87,8 +88,8 @@ impl From<SetupError> for RelayError {
     }
 }
 
-impl From<crate::poll::PollError> for RelayError {
-    fn from(e: crate::poll::PollError) -> Self {
+impl From<crate::setup::poll::PollError> for RelayError {
+    fn from(e: crate::setup::poll::PollError) -> Self {
         RelayError::Poll(Box::new(e))
     }
 }

@@ -19,6 +19,7 @@ use crate::outbox::MappingError;
 use crate::transport::{self, ConnectError, HostOutcome, PgTarget, ServerState};
 use server::Server;
 
+pub mod poll;
 mod publication;
 pub mod server;
 mod shards;
@@ -160,7 +161,7 @@ pub enum SetupError {
     Columns(MappingError),
     /// What polling needs from the table (`source.kind = "poll"`).
     #[error(transparent)]
-    Poll(Box<crate::poll::PollError>),
+    Poll(Box<poll::PollError>),
     #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and postgres.create_missing is false; run `outbox-relay init` or apply sql/002_relay_state.sql")]
     NoState { schema: String },
     #[error("the relay's state tables ({schema}.checkpoint, {schema}.replay_request) do not exist and this role may not create schema {schema:?}; run `outbox-relay init` as a role with CREATE on the database, or apply sql/002_relay_state.sql and grant this role USAGE on the schema and SELECT, INSERT, UPDATE on its tables")]

@@ -18,6 +18,7 @@ or Ctrl-C. Writes results.json and results.md to --out (default target/bench/<ti
     bench/run.py                  # default, about 4-5 minutes on 2 cores
     bench/run.py --quick          # about 1 minute (plus the build)
     bench/run.py --profile perf   # also profile two catch-ups (or --profile callgrind)
+    bench/run.py --sinks kafka,redis,nats,rabbitmq   # only the sink comparison (phases/sinks.py)
 
 Python 3.11 standard library only; PostgreSQL client programs through subprocess.
 """

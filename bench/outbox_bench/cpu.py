@@ -113,8 +113,9 @@ def system_busy_seconds() -> float:
     return (f[0] + f[1] + f[2]) / CLK_TCK
 
 
-def our_tree_seconds() -> float:
-    """CPU time of this script and every process it started (alive, or reaped by one of them)."""
+def proc_table() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """(child pids by parent pid, CPU s by pid) of every process; CPU s = utime + stime +
+    cutime + cstime, so children that exited and were reaped still count for their parent."""
     children: dict[int, list[int]] = {}
     cpu: dict[int, float] = {}
     for d in Path("/proc").iterdir():
@@ -127,12 +128,37 @@ def our_tree_seconds() -> float:
         pid, ppid = int(d.name), int(f[1])
         children.setdefault(ppid, []).append(pid)
         cpu[pid] = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
-    total, todo = 0.0, [os.getpid()]
+    return children, cpu
+
+
+def process_tree(children: dict[int, list[int]], root: int) -> list[int]:
+    """root and every descendant of it in `children` (child pids by parent pid)."""
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += cpu.get(pid, 0.0)
+        out.append(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float | None:
+    """CPU time of a process and everything it started (a server that runs as a script
+    and its children, like rabbitmq-server); None once it is gone."""
+    children, cpu = proc_table()
+    if root not in cpu:
+        return None
+    return sum(cpu.get(pid, 0.0) for pid in process_tree(children, root))
+
+
+def descendants(root: int) -> list[int]:
+    """The pids below root (not root itself)."""
+    return process_tree(proc_table()[0], root)[1:]
+
+
+def our_tree_seconds() -> float:
+    """CPU time of this script and every process it started (alive, or reaped by one of them)."""
+    children, cpu = proc_table()
+    return sum(cpu.get(pid, 0.0) for pid in process_tree(children, os.getpid()))
 
 
 class CpuMeter:

@@ -9,10 +9,12 @@ from .cpu import CpuMeter
 from .phases.live import run_live
 from .phases.profile import run_profile
 from .phases.rtt import run_rtt_sweep
+from .phases.sinks import run_sinks
 from .phases.workload import run_workload
 from .processes import BenchError, cargo_build, log, run_main
-from .report import git_info, machine, markdown, targets, write_results
+from .report import git_info, machine, markdown, sinks_markdown, targets, write_results
 from .servers import server_settings, start_servers
+from .sink_servers import start_sink_servers
 from .settings import KEYS, REPO, Settings, parse_args
 
 
@@ -28,6 +30,29 @@ def crash_loop(b: Bench, started: str) -> None:
     r = crashloop.run_crash_loop(b)
     r.update(started=started, machine=machine(), git=git_info())
     write_results(b.out, "crashloop", r, crashloop.markdown)
+
+
+def sink_comparison(b: Bench, started: str, pg: dict[str, str], t_start: float) -> None:
+    """--sinks: the sink comparison only (phases/sinks.py), results.json and results.md."""
+    s = b.settings
+    whole = CpuMeter()
+    mach = machine()
+    servers = start_sink_servers(s.sinks, b.logs, brokers=b.servers.brokers, tansu=b.servers.tansu,
+                                 tansu_version=mach.get("tansu"))
+    res = results_header(b, started, pg)
+    del res["workloads"]
+    res["mode"] = "sinks"
+    res["settings"]["sinks"] = s.sinks
+    res["settings"]["live_seconds"] = s.live_seconds
+    res["settings"]["live_rates"] = s.live_rates
+    res["settings"]["live_consumer"] = False
+    res["settings"]["live_topic_seconds"] = 0
+    res["sink_servers"] = {k: {"url": v.url, "durability": v.durability, "version": v.version,
+                               "relay_config": v.config("<run>")} for k, v in servers.items()}
+    res.update(run_sinks(b, servers))
+    res["other_load_cores_whole_run"] = whole.stop()["other_load_cores"]
+    res["total_seconds"] = time.monotonic() - t_start
+    write_results(b.out, "results", res, sinks_markdown)
 
 
 def results_header(b: Bench, started: str, pg: dict[str, str]) -> dict:
@@ -72,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         raise BenchError("wal_level must be logical")
     if s.crash_loop:
         crash_loop(b, started)
+        return 0
+    if s.sinks:
+        sink_comparison(b, started, pg, t_start)
         return 0
 
     res = results_header(b, started, pg)

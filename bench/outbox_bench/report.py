@@ -225,3 +225,71 @@ def write_results(out: Path, stem: str, res: dict, render) -> None:
     (out / f"{stem}.md").write_text(md)
     print(md)
     log(f"results: {out / f'{stem}.json'}, {out / f'{stem}.md'}")
+
+
+def _sink_hist_cell(h: dict, p: str) -> str:
+    return "n/a" if not h.get("n") else _hist_cell(h, p)
+
+
+def _versions(res: dict) -> str:
+    return ", ".join(f"{k}: {v.get('version') or 'n/a'}" for k, v in res["sink_servers"].items())
+
+
+def sinks_markdown(res: dict) -> str:
+    """The sink comparison's tables (results.md of a --sinks run)."""
+    m, st = res["machine"], res["settings"]
+    lines = [
+        f"Sink comparison, run {res['started']} ({res['total_seconds']:.0f} s, best of {st['repeat']} "
+        f"round(s)): {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['postgresql']}; "
+        f"{_versions(res)}.",
+    ]
+    for c in res.get("catchup", []):
+        lines += [
+            "",
+            f"Catch-up of {c['name']} ({c['events']:,} events, {c['rows_per_transaction']:,} rows/txn, "
+            f"{c['payload_bytes_avg']:,} B, {c['wal_bytes'] / 1e6:,.0f} MB of WAL); read limit (pg_recvlogical, "
+            f"same WAL range) {fmt(c['read_limit']['events_per_s'])} events/s.",
+            "",
+            "| sink | relay (events/s) | relay / read limit | relay CPU s per 1M events | relay peak RSS (MB) "
+            "| sink server CPU s per 1M events | stored by the sink | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for k, s in c["sinks"].items():
+            r = s["relay"]
+            lines.append(
+                f"| {k} | {fmt(r['events_per_s'])} | {s['relay_over_read_limit']:.2f} "
+                f"| {r['cpu_s_per_million_events']:.1f} | {fmt(s['relay_peak_rss_mb_max'], '.1f')} "
+                f"| {fmt(r.get('sink_server_cpu_s_per_million_events'), '.1f')} | {fmt(r.get('stored_by_sink'))} "
+                f"| {s['other_load_cores_max']:.2f} |")
+        notes = [f"{k}: " + ", ".join(f"{v} {c.replace('_', ' ')}" for c, v in counters.items())
+                 for k, s in c["sinks"].items() if (counters := s["relay"].get("sink_server_counters"))]
+        if notes:
+            lines += ["", "During the catch-up (best run): " + "; ".join(notes) + "."]
+    live = res.get("live") or {}
+    if live:
+        seconds = next((r["seconds"] for rs in live.values() for r in rs), None)
+        lines += [
+            "",
+            f"Live: single-row transactions of ~200 B (pgbench -R, {seconds} s per rate), no consumer; "
+            "commit-to-ack is the relay's histogram (commit timestamp to the sink's acknowledgement), "
+            "interpolated in its buckets, the bucket's bound in brackets.",
+            "",
+            "| sink | rate | achieved | commit-to-ack p50 (ms) | p99 (ms) | relay CPU (ms per 1,000 events) "
+            "| relay (cores) | relay RSS (MB) | sink server (cores) | pgbench latency avg (ms) | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for k, rs in live.items():
+            for r in rs:
+                h = r["relay_histogram"]
+                lines.append(
+                    f"| {k} | {r['target_rate']:,}/s | {r['achieved_rate']:,.0f}/s | {_sink_hist_cell(h, 'p50')} "
+                    f"| {_sink_hist_cell(h, 'p99')} | {fmt(r.get('relay_cpu_s_per_million_events'), '.1f')} "
+                    f"| {r['relay_cores']:.3f} | {fmt(r.get('relay_rss_mb'), '.1f')} "
+                    f"| {fmt(r.get('sink_server_cores'), '.3f')} | {fmt(r.get('pgbench_commit_latency_avg_ms'), '.1f')} "
+                    f"| {r.get('other_load_cores', 0.0):.2f} |")
+        notes = [f"{k}: " + ", ".join(f"{v} {c.replace('_', ' ')}" for c, v in counters.items())
+                 for k, rs in live.items() if rs and (counters := rs[0].get("sink_server_counters_whole_live_run"))]
+        if notes:
+            lines += ["", "During the live phase (all rates): " + "; ".join(notes) + "."]
+    lines += [""] + [f"- {k}: {v['durability']}" for k, v in res["sink_servers"].items()]
+    return "\n".join(lines) + "\n"

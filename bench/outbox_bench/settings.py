@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import __doc__ as DESCRIPTION
 from .processes import run
+from .sink_servers import sink_list
 
 REPO = Path(__file__).resolve().parent.parent.parent
 RELAY_BIN = REPO / "target/release/outbox-relay"
@@ -42,6 +43,8 @@ LIVE_RATES = [1000, 5000]
 # STALL[0] seconds in: the relay's memory while Kafka does not acknowledge (own tansu only).
 STALL_WORKLOAD = "tx100_200B"
 STALL = (0.1, 3.0)  # seconds after the relay starts streaming, seconds frozen
+# The sink comparison's backlog unless --workloads says otherwise.
+SINK_WORKLOADS = ["tx100_200B"]
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Settings:
     relay_bin: Path = RELAY_BIN
     consume_bin: Path = CONSUME_BIN
     relay_setting: list[str] = field(default_factory=list)
+    sinks: list[str] = field(default_factory=list)  # --sinks: only the sink comparison
 
 
 def int_list(v: str) -> list[int]:
@@ -137,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="crash loop: the consumer reading ids back (default target/release/examples/consume)")
     ap.add_argument("--relay-setting", action="append", default=[], metavar="SECTION.KEY=TOML",
                     help="crash loop: a relay config line, e.g. postgres.confirm_interval_ms=50; repeatable")
+    ap.add_argument("--sinks", metavar="SINK,...",
+                    help="run only the sink comparison for these sinks (kafka,redis,nats,rabbitmq): one backlog "
+                         "(default tx100_200B) caught up by each beside the read limit, then the live phase per "
+                         "sink without a consumer; --repeat defaults to 1")
     return ap
 
 
@@ -150,8 +158,18 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if not sep or not k:
             ap.error(f"--kafka-property {kv!r}: expected KEY=VALUE")
         properties[k] = v
+    sinks: list[str] = []
+    if a.sinks is not None:
+        try:
+            sinks = sink_list(a.sinks)
+        except ValueError as e:
+            ap.error(f"--sinks: {e}")
+        if a.crash_loop:
+            ap.error("--sinks and --crash-loop are separate runs")
     selected = WORKLOADS
-    if a.workloads == "none":
+    if sinks and a.workloads is None:
+        selected = [w for w in WORKLOADS if w.name in SINK_WORKLOADS]
+    elif a.workloads == "none":
         selected = []
     elif a.workloads:
         names = a.workloads.split(",")
@@ -165,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(
         quick=a.quick,
         workloads=list(selected),
-        repeat=a.repeat if a.repeat is not None else 1 if a.quick else 3,
+        repeat=a.repeat if a.repeat is not None else 1 if a.quick or sinks else 3,
         live=not a.no_live,
         live_seconds=a.live_seconds if a.live_seconds is not None else 10 if a.quick else 30,
         live_consumer=a.live_consumer,
@@ -194,4 +212,5 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         relay_bin=a.relay_bin,
         consume_bin=a.consume_bin,
         relay_setting=a.relay_setting,
+        sinks=sinks,
     )

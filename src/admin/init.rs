@@ -534,7 +534,7 @@ pub(super) async fn run(
             let facts = inspect(client, cfg).await?;
             (plan(&facts, cfg), facts.server.in_recovery)
         }
-        SourceKind::Poll => (crate::poll::admin::init_items(client, cfg).await?, false),
+        SourceKind::Poll => (crate::admin::poll::init_items(client, cfg).await?, false),
     };
     let width = items.iter().map(|i| i.label.len()).max().unwrap_or(0);
     let problems = items

@@ -2,10 +2,11 @@
 //! how it writes (stream or pub/sub, trimming, WAIT for replicas, limits).
 //! Checked here without connecting; the sink itself is `sink::redis`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::secret::{read_file, take_url};
 use super::{invalid, ConfigError, OutboxConfig, PlacementKind};
 
 /// Environment variable that overrides `redis.url` (keeps the password out of the file).
@@ -96,18 +97,13 @@ impl RedisConfig {
         &mut self,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = env(ENV_REDIS_URL).filter(|v| !v.is_empty()) {
-            self.url = Some(url);
-            self.url_file = None;
-        } else if let Some(file) = &self.url_file {
-            if self.url.is_some() {
-                return Err(ConfigError::Conflict {
-                    message: "redis.url and redis.url_file are both set; remove one".into(),
-                });
-            }
-            self.url = Some(read_file("redis.url_file", file)?.trim().to_string());
-        }
-        Ok(())
+        take_url(
+            &env,
+            ENV_REDIS_URL,
+            ("redis.url", "redis.url_file"),
+            &mut self.url,
+            &mut self.url_file,
+        )
     }
 
     /// Checks the section and reads the TLS files; `used`: `sink.kind =
@@ -300,15 +296,6 @@ fn redis_url_is_tls(url: &str) -> Result<bool, ConfigError> {
         )
     })?;
     Ok(tls)
-}
-
-fn read_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(key, format!("cannot read {path:?}: {e}")))?;
-    if text.trim().is_empty() {
-        return Err(invalid(key, format!("{path:?} is empty")));
-    }
-    Ok(text)
 }
 
 #[cfg(test)]

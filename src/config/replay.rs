@@ -104,12 +104,17 @@ pub enum SinkKind {
     Stdout,
     /// Redis Streams (`XADD`) or pub/sub (`PUBLISH`): `[redis]`.
     Redis,
+    /// Publish to NATS JetStream (`[nats]`).
+    Nats,
+    /// Publish to a RabbitMQ exchange (`[rabbitmq]`).
+    #[serde(rename = "rabbitmq")]
+    RabbitMq,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `kafka` (default), `stdout` or `redis`.
+    /// `kafka` (default), `stdout`, `redis`, `nats` or `rabbitmq`.
     #[serde(default)]
     pub kind: SinkKind,
     /// With `kind = "stdout"`: confirm the slot and write checkpoints once a
@@ -123,9 +128,10 @@ impl SinkConfig {
     /// Whether acknowledged positions are confirmed to the slot and checkpointed.
     pub fn confirms(&self) -> bool {
         match self.kind {
-            SinkKind::Kafka => true,
+            SinkKind::Kafka | SinkKind::RabbitMq => true,
             SinkKind::Stdout => self.confirm.unwrap_or(false),
             SinkKind::Redis => true,
+            SinkKind::Nats => true,
         }
     }
 }
@@ -210,5 +216,6 @@ mod tests {
         assert!(sink(SinkKind::Kafka, None).confirms());
         assert!(!sink(SinkKind::Stdout, None).confirms());
         assert!(sink(SinkKind::Stdout, Some(true)).confirms());
+        assert!(sink(SinkKind::RabbitMq, None).confirms());
     }
 }

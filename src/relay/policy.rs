@@ -7,6 +7,7 @@
 //! decides which errors move on to the next host of a multi-host URL.
 
 use super::RelayError;
+use crate::setup::poll::PollError;
 use crate::setup::SetupError;
 use crate::sink::{SendError, SinkSetupError};
 
@@ -46,6 +47,16 @@ impl SetupError {
             Disposition::Stop { exit: EXIT_USER }
         } else {
             Disposition::Retry
+        }
+    }
+}
+
+impl PollError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            PollError::LockHeld { .. } => Disposition::Standby,
+            PollError::BadRow { .. } => Disposition::Stop { exit: EXIT_RUNTIME },
+            _ => Disposition::Stop { exit: EXIT_USER },
         }
     }
 }
@@ -318,7 +329,7 @@ mod tests {
             ),
             (
                 "another instance polls the table",
-                RelayError::from(crate::poll::PollError::LockHeld {
+                RelayError::from(crate::setup::poll::PollError::LockHeld {
                     table: crate::config::TableName {
                         schema: "public".into(),
                         name: "outbox".into(),
@@ -329,12 +340,12 @@ mod tests {
             ),
             (
                 "polling a standby",
-                RelayError::from(crate::poll::PollError::NotPrimary),
+                RelayError::from(crate::setup::poll::PollError::NotPrimary),
                 user,
             ),
             (
                 "a polled row that cannot be mapped",
-                RelayError::from(crate::poll::PollError::BadRow {
+                RelayError::from(crate::setup::poll::PollError::BadRow {
                     column: "relay_seq".into(),
                     value: 3,
                     source: MappingError::MissingColumn {

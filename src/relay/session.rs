@@ -136,7 +136,12 @@ impl Session<'_> {
         };
         let confirmed = slot.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
         let records = Records::new(&cfg.outbox, self.metrics.clone(), self.carried.next_seq);
-        producer.ready().await?;
+        // The sink's connection first (up to its connect timeout): an
+        // unreachable destination is a `Connect` error, and `/readyz` says why.
+        tokio::select! {
+            ready = producer.ready() => ready?,
+            _ = wait_shutdown(shutdown) => return Ok(SessionEnd::Stopped),
+        }
         if let Some(dlq) = records.dead_letter_topic() {
             producer.ensure_topic(dlq).await?;
         }
@@ -233,6 +238,8 @@ impl Session<'_> {
                 // The timer comes before the reports so a steady stream of
                 // acknowledgements can never starve the status updates.
                 _ = ticker.tick() => {
+                    // A sink whose connection died ends the session (and
+                    // `/readyz` says why) also while nothing is being sent.
                     if let Err(e) = producer.check() {
                         break Err(RelayError::Send(e));
                     }

@@ -8,7 +8,7 @@
 //! `Ok` on shutdown or the error that ended it. The loop decides what the
 //! error means (`policy`), when to try again, and owns the sink.
 //!
-//! A new source is a new module (as `crate::poll`), a `SourceKind`, and an arm
+//! A new source is a new module (as `relay::poll`), a `SourceKind`, and an arm
 //! in each `match` below.
 
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::{AbortOnDrop, Progress, RelayError, RunOptions, ShutdownRx};
 use crate::config::{Config, SourceKind};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxTable;
-use crate::poll::PollSource;
+use crate::relay::poll::PollSource;
 use crate::setup;
 use crate::sink::{DeliveryReport, Sink};
 use crate::transport::PgTarget;

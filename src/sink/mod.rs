@@ -1,5 +1,6 @@
 //! Where records go: the seam every sink sits behind (Kafka in `kafka`,
-//! Redis in `redis`, and stdout as JSON lines in `stdout`).
+//! Redis in `redis`, NATS JetStream in `nats`, RabbitMQ in `rabbitmq`, and
+//! stdout as JSON lines in `stdout`).
 //!
 //! The acknowledgement contract, which every sink keeps and the rest of the
 //! relay relies on:
@@ -31,10 +32,14 @@ use crate::pgoutput::Timestamp;
 use kafka::Producer;
 
 pub mod kafka;
+pub mod nats;
+pub mod rabbitmq;
 pub mod redis;
 mod stdout;
 pub mod task;
 
+pub use nats::NatsSink;
+pub use rabbitmq::RabbitMqSink;
 pub use redis::RedisSink;
 pub use stdout::{json_line, StdoutSink};
 
@@ -127,6 +132,8 @@ impl SinkKind {
             SinkKind::Kafka => "kafka",
             SinkKind::Stdout => "stdout",
             SinkKind::Redis => "redis",
+            SinkKind::Nats => "nats",
+            SinkKind::RabbitMq => "rabbitmq",
         }
     }
 }
@@ -135,6 +142,8 @@ pub enum Sink {
     Kafka(Producer),
     Stdout(StdoutSink),
     Redis(RedisSink),
+    Nats(NatsSink),
+    RabbitMq(RabbitMqSink),
 }
 
 impl Sink {
@@ -156,23 +165,35 @@ impl Sink {
                 let (r, rx) = RedisSink::new(&cfg.redis, metrics)?;
                 Ok((Sink::Redis(r), rx))
             }
+            SinkKind::Nats => {
+                let (s, rx) = NatsSink::new(&cfg.nats, metrics)?;
+                Ok((Sink::Nats(s), rx))
+            }
+            SinkKind::RabbitMq => {
+                let (s, rx) = RabbitMqSink::new(&cfg.rabbitmq, metrics)?;
+                Ok((Sink::RabbitMq(s), rx))
+            }
         }
     }
 
     pub async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(p) => p.ensure_topic(topic).await,
-            Sink::Stdout(_) | Sink::Redis(_) => Ok(()),
+            // Routing keys need no creating; an unroutable record comes back per record.
+            Sink::Stdout(_) | Sink::Redis(_) | Sink::RabbitMq(_) => Ok(()),
+            Sink::Nats(s) => s.ensure_topic(topic).await,
         }
     }
 
     /// Waits until a sink that connects in the background is connected: the
     /// session asks before it streams, so an unreachable destination is a
     /// `Connect` error (retried, and `/readyz` says why).
-    pub async fn ready(&self) -> Result<(), SinkSetupError> {
+    pub async fn ready(&mut self) -> Result<(), SinkSetupError> {
         match self {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.ready().await,
+            Sink::Nats(s) => s.ready().await,
+            Sink::RabbitMq(s) => s.ready().await,
         }
     }
 
@@ -182,6 +203,14 @@ impl Sink {
         match self {
             Sink::Kafka(_) | Sink::Stdout(_) => Ok(()),
             Sink::Redis(r) => r.check(),
+            Sink::Nats(s) => match s.fatal_error() {
+                Some(error) => Err(SendError::Unavailable {
+                    sink: "NATS",
+                    error,
+                }),
+                None => Ok(()),
+            },
+            Sink::RabbitMq(s) => s.check(),
         }
     }
 
@@ -190,6 +219,8 @@ impl Sink {
             Sink::Kafka(p) => p.send(seq, commit_time, record),
             Sink::Stdout(s) => s.send(seq, record),
             Sink::Redis(r) => r.send(seq, commit_time, record),
+            Sink::Nats(s) => s.send(seq, commit_time, record),
+            Sink::RabbitMq(s) => s.send(seq, commit_time, record),
         }
     }
 
@@ -199,6 +230,8 @@ impl Sink {
             Sink::Kafka(p) => p.fatal_error(),
             Sink::Stdout(_) => None,
             Sink::Redis(r) => r.fatal_error(),
+            Sink::Nats(s) => s.fatal_error(),
+            Sink::RabbitMq(s) => s.fatal_error(),
         }
     }
 
@@ -208,6 +241,8 @@ impl Sink {
             Sink::Kafka(p) => p.queued(),
             Sink::Stdout(_) => 0,
             Sink::Redis(r) => r.queued(),
+            Sink::Nats(s) => s.queued(),
+            Sink::RabbitMq(s) => s.queued(),
         }
     }
 }

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..context import Bench
 from ..cpu import CpuMeter, proc_cpu_seconds, proc_cpu_split, proc_ctx_switches, proc_status_kb
@@ -134,7 +135,8 @@ def _stop_relay(p: subprocess.Popen, pid: int, log_path: Path) -> None:
 def run_relay_catchup(b: Bench, *, slot: str, publication: str, table: str, end: str, events: int,
                       name: str, profile: str | None = None,
                       stall: tuple[float, float] | None = None, extra_config: str = "",
-                      stdout_sink: bool = False, watch_slot: str | None = None) -> dict:
+                      stdout_sink: bool = False, watch_slot: str | None = None,
+                      sink_cpu: Callable[[], float | None] | None = None) -> dict:
     """Starts the relay on a slot whose whole range is backlog and waits until the slot's
     confirmed_flush_lsn reaches `end`. profile: None, "perf" or "callgrind".
     Each run writes to topics of its own, like bench_producer.
@@ -143,7 +145,9 @@ def run_relay_catchup(b: Bench, *, slot: str, publication: str, table: str, end:
     extra_config: TOML appended to the relay's config (bench/shards.py: [shard]).
     stdout_sink: [sink] kind = "stdout" with confirm = true instead of Kafka, its output to /dev/null;
     records written (events_produced) are counted instead of broker acknowledgements.
-    watch_slot: the slot the relay streams from, when not `slot` itself (a shard's)."""
+    watch_slot: the slot the relay streams from, when not `slot` itself (a shard's).
+    sink_cpu: the sink server's CPU seconds so far (the sink comparison), read before and
+    after the catch-up."""
     srv = b.servers
     cfg = b.out / f"relay-{name}.toml"
     log_path = b.logs / f"relay-{name}.log"
@@ -155,6 +159,7 @@ def run_relay_catchup(b: Bench, *, slot: str, publication: str, table: str, end:
                  extra=extra_config + ('[sink]\nkind = "stdout"\nconfirm = true\n' if stdout_sink else ""))
     tansu = srv.tansu
     tansu_cpu0 = proc_cpu_seconds(tansu.pid) if tansu else None
+    sink_cpu0 = sink_cpu() if sink_cpu else None
     watch = SlotWatch(srv.db, watch_slot or slot, end)
     cmd = _relay_command(b, cfg, name, profile)
     meter = CpuMeter()
@@ -172,6 +177,8 @@ def run_relay_catchup(b: Bench, *, slot: str, publication: str, table: str, end:
     hwm_kb = proc_status_kb(pid, "VmHWM")
     switches = proc_ctx_switches(pid)
     tansu_cpu = proc_cpu_seconds(tansu.pid) - tansu_cpu0 if tansu else None
+    sink_cpu1 = sink_cpu() if sink_cpu else None
+    sink_server_cpu = sink_cpu1 - sink_cpu0 if sink_cpu0 is not None and sink_cpu1 is not None else None
     _, text = http_get(f"{metrics_url}/metrics")
     samples = prom_samples(text)
     acked = prom_sum(samples, "outbox_relay_events_produced_total" if stdout_sink else "outbox_relay_events_acked_total")
@@ -196,6 +203,7 @@ def run_relay_catchup(b: Bench, *, slot: str, publication: str, table: str, end:
         "walsender_cpu_s_per_million_events": ws / events * 1e6 if ws is not None else None,
         "walsender_busy": ws / secs if ws is not None else None,
         "tansu_cpu_s": tansu_cpu,
+        "sink_server_cpu_s": sink_server_cpu,
         "acked": int(acked),
         "failed": int(failed),
         **load,

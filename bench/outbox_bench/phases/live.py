@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..context import Bench
-from ..cpu import CpuMeter, cores_between, cpu_by_command, proc_cpu_seconds, proc_status_kb, thread_cpu
+from ..cpu import (CpuMeter, cores_between, cpu_by_command, proc_cpu_seconds, proc_status_kb, thread_cpu,
+                   tree_cpu_seconds)
 from ..database import SlotWatch, create_outbox, create_slot, drop_outbox, drop_slot, wal_end
 from ..metrics import latency_percentiles, scrape
 from ..processes import BenchError, free_port, log, spawn, stop_process
@@ -65,7 +66,8 @@ class Load:
 
 
 def start_live_relay(b: Bench, name: str, brokers: str, properties: dict[str, str] | None,
-                     create_topics: bool) -> LiveRelay:
+                     create_topics: bool, extra: str = "") -> LiveRelay:
+    """extra: TOML appended to the relay's config ([sink] and its section for another sink)."""
     db = b.servers.db
     table = f"outbox_{b.run_id}_{name}"
     publication = f"bench_{b.run_id}_{name}"
@@ -77,7 +79,8 @@ def start_live_relay(b: Bench, name: str, brokers: str, properties: dict[str, st
     metrics = f"http://127.0.0.1:{mport}"
     relay_config(cfg, url=b.servers.url, brokers=brokers, slot=slot, publication=publication, table=table,
                  partitions=b.settings.partitions, metrics=f"127.0.0.1:{mport}",
-                 create_topics=create_topics, properties={**b.settings.kafka_properties, **(properties or {})})
+                 create_topics=create_topics, properties={**b.settings.kafka_properties, **(properties or {})},
+                 extra=extra)
     log_path = b.logs / f"relay-{name}.log"
     proc = start_relay(RELAY_BIN, cfg, log_path, metrics, timeout=30, interval=0.05)
     return LiveRelay(name=name, table=table, publication=publication, slot=slot, metrics=metrics,
@@ -126,11 +129,12 @@ def write_pgbench_script(path: Path, table: str, atype_sql: str, pad: str) -> No
 def drive_pgbench(b: Bench, relay: LiveRelay, script: Path, rate: int, duration: int,
                   broker_pid: int | None) -> Load:
     """pgbench -R rate for `duration` s; the relay's metrics and the machine's CPU by
-    command are read before, every minute and after."""
+    command are read before, every minute and after. broker_pid: the broker's process,
+    counted with everything it started (a server run by a script, like rabbitmq-server)."""
     pid = relay.proc.pid
     before = scrape(relay.metrics)
     cpu0 = proc_cpu_seconds(pid)
-    broker_cpu0 = proc_cpu_seconds(broker_pid) if broker_pid else None
+    broker_cpu0 = tree_cpu_seconds(broker_pid) if broker_pid else None
     threads0 = thread_cpu(pid)
     meter = CpuMeter()
     clients = 4 if rate <= 1000 else 8
@@ -163,7 +167,7 @@ def drive_pgbench(b: Bench, relay: LiveRelay, script: Path, rate: int, duration:
     load = meter.stop()
     cpu = proc_cpu_seconds(pid) - cpu0
     threads1 = thread_cpu(pid)
-    broker_cpu = proc_cpu_seconds(broker_pid) - broker_cpu0 if broker_pid else None
+    broker_cpu = tree_cpu_seconds(broker_pid) - broker_cpu0 if broker_pid else None
     return Load(rate=rate, duration=duration, clients=clients, pgbench_out=pg_out, pgbench_err=pg_err,
                 scrapes=scrapes, cpu_marks=cpu_marks, thread_marks=thread_marks, threads0=threads0,
                 threads1=threads1, relay_cpu=cpu, broker_cpu=broker_cpu, load=load)
@@ -290,6 +294,8 @@ def run_rate(b: Bench, relay: LiveRelay, *, brokers: str, rate: int, duration: i
         f"SELECT count(*), count(DISTINCT aggregate_type) FROM public.{relay.table} "
         f"WHERE aggregate_type = '{t.atype}' OR starts_with(aggregate_type, '{t.atype}_')").split("|"))
     res = summarize(ld, after, cons, rows=rows, topics_written=topics_written, window=window)
+    rss = proc_status_kb(relay.proc.pid, "VmRSS")
+    res["relay_rss_mb"] = rss / 1024 if rss else None  # at the end of the rate
     log_rate(res, consumed=consumer is not None)
     return res
 
@@ -297,16 +303,17 @@ def run_rate(b: Bench, relay: LiveRelay, *, brokers: str, rate: int, duration: i
 def run_live(b: Bench, *, name: str = "live", brokers: str | None = None, rates: list[int] | None = None,
              seconds: int | None = None, consumer: bool | None = None, topic_seconds: int | None = None,
              properties: dict[str, str] | None = None, create_topics: bool = True,
-             broker_pid: int | None = None) -> list[dict]:
+             broker_pid: int | None = None, extra: str = "") -> list[dict]:
     """The relay streaming while pgbench commits at each rate. The keyword arguments
-    override the command line (the RTT sweep runs it against a mock broker)."""
+    override the command line (the RTT sweep runs it against a mock broker; the sink
+    comparison passes another sink's [sink] section as `extra`)."""
     s = b.settings
     brokers = brokers or b.servers.brokers
     rates = rates or s.live_rates
     live_consumer = s.live_consumer if consumer is None else consumer
     broker_pid = broker_pid or (b.servers.tansu.pid if b.servers.tansu else None)
     window = s.live_topic_seconds if topic_seconds is None else topic_seconds
-    relay = start_live_relay(b, name, brokers, properties, create_topics)
+    relay = start_live_relay(b, name, brokers, properties, create_topics, extra)
     duration = seconds or s.live_seconds
     pad = secrets.token_hex(100)[:165]  # the payload renders to ~200 bytes
     results = [run_rate(b, relay, brokers=brokers, rate=rate, duration=duration, window=window,

@@ -8,12 +8,14 @@
 //! - `cluster`: `PgCluster`, a PostgreSQL of a test's own (restart, crash, promote)
 //! - `standby`: physical standbys of a `PgCluster`, replay positions, multi-host URLs
 //! - `tansu`: the broker, shared or of a test's own
+//! - `rabbitmq`: RabbitMQ servers (shared or of a test's own) and reading messages back
 //! - `case`: `TestCase`, one test's names and config on one server
 //! - `relay`: the relay in process and as a binary
 //! - `kafka`: reading records back
 //! - `poll`: configs for the polling mode, `init` in process
 //! - `scrape`: readings of a relay binary's `/metrics` over time (what a kill re-sends)
 //! - `redis`: the Redis server (shared, or of a test's own) and reading streams back
+//! - `nats`: nats-server with JetStream (shared, or of a test's own), streams read back
 //! - here: polling, writing rows, HTTP and Prometheus text
 
 use std::io::Write;
@@ -25,9 +27,11 @@ use outbox_relay::lsn::Lsn;
 mod case;
 mod cluster;
 mod kafka;
+pub mod nats;
 mod poll;
 mod postgres;
 mod process;
+pub mod rabbitmq;
 pub mod redis;
 mod relay;
 mod scrape;

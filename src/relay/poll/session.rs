@@ -16,14 +16,15 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 
 use super::query::{self, PollQuery, PolledRow};
-use super::table::{self, Check, TableInfo};
-use super::{PollError, PollSource, RowTracker};
+use super::{PollSource, RowTracker};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::outbox::{DeadLetter, Mapping, MappingError, OutboxTable};
 use crate::pgoutput::{Relation, Timestamp};
 use crate::relay::records::Records;
 use crate::relay::{wait_shutdown, RelayError, SessionEnd, ShutdownRx};
+use crate::setup::poll::PollError;
+use crate::setup::poll::{self as table, Check, TableInfo};
 use crate::setup::server::Server;
 use crate::setup::{self, SetupError};
 use crate::sink::{DeliveryReport, Sink};
@@ -88,6 +89,11 @@ pub(super) async fn run(
     let poll = PollQuery::new(cfg, &names, commit_time).expect("the order column was checked");
     let removal = query::prepare_removal(&client, cfg).await?;
     let records = Records::new(&cfg.outbox, metrics.clone(), src.next_seq);
+    // The sink's connection first, as a WAL session does.
+    tokio::select! {
+        ready = sink.ready() => ready?,
+        _ = wait_shutdown(shutdown) => return Ok(SessionEnd::Stopped),
+    }
     if let Some(dlq) = records.dead_letter_topic() {
         sink.ensure_topic(dlq).await?;
     }
@@ -190,7 +196,10 @@ impl Poller<'_> {
                 _ = ticker.tick() => {
                     self.metrics.records_in_flight.set(self.tracker.in_flight() as i64);
                     self.metrics.producer_queue_depth.set(i64::from(sink.queued()));
-                    if Instant::now() >= backlog_due {
+                    // A dead sink connection ends the session also while idle.
+                    if let Err(e) = sink.check() {
+                        Err(RelayError::Send(e))
+                    } else if Instant::now() >= backlog_due {
                         backlog_due = Instant::now() + BACKLOG_INTERVAL;
                         self.backlog().await
                     } else {

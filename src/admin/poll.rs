@@ -8,13 +8,12 @@ use std::path::Path;
 
 use tokio_postgres::Client;
 
-use super::query::{self, unsent_filter};
-use super::table::{self, Check, TableInfo};
-use super::PollError;
-use crate::admin::{Item, ItemState};
+use super::{Item, ItemState};
 use crate::config::{quote_ident, AfterSend, Config, PollConfig};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{Column, Relation};
+use crate::relay::poll::query::{self, unsent_filter};
+use crate::setup::poll::{self as table, Check, PollError, TableInfo};
 use crate::setup::server::Server;
 use crate::setup::{self, q, SetupError};
 

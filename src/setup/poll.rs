@@ -4,13 +4,75 @@
 //! (partial on the unsent rows with `after_send = "mark"`), the sent column,
 //! the NOTIFY trigger, and the role's privileges. `run` refuses to poll while
 //! one fails; `init` prints the same checks and creates what is missing.
+//! [`PollError`]: what polling cannot work with, or the row it stopped at
+//! (what it means is decided in `relay::policy`).
 
 use tokio_postgres::Client;
 
-use super::PollError;
 use crate::config::{quote_ident, quote_literal, AfterSend, Config, PollConfig, TableName};
+use crate::outbox::MappingError;
 use crate::pgoutput::{Column, Relation};
 use crate::setup::{q, SetupError};
+
+/// What polling cannot work with, or the row it stopped at.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("{what} reads the WAL through a replication slot, which source.kind = \"poll\" does not use; run it with a config of source.kind = \"wal\"")]
+    WalOnly { what: &'static str },
+    #[error("postgres.url reaches a standby in recovery: polling deletes or marks the rows it sent, which needs the primary; point postgres.url at the primary, or add target_session_attrs=read-write to a multi-host URL")]
+    NotPrimary,
+    #[error("role {role_sql} lacks {privileges} on table \"{table}\", which polling needs (read the rows, then remove or mark them); run GRANT {privileges} ON {} TO {role_sql}; as the table's owner", .table.quoted())]
+    NoPrivilege {
+        table: TableName,
+        privileges: String,
+        role_sql: String,
+    },
+    #[error("poll.order_column {column:?} of table \"{table}\" is not an integer (smallint, integer, bigint); name an integer column assigned from a sequence, or a new name for `outbox-relay init` to add as an identity column")]
+    OrderColumnType { table: TableName, column: String },
+    #[error("sequence {sequence} behind poll.order_column caches {cache} values per session, so values are not taken in insert order across sessions and per-key order could break; run ALTER SEQUENCE {sequence} CACHE 1;")]
+    SequenceCache { sequence: String, cache: i64 },
+    #[error("poll.sent_column {column:?} of table \"{table}\" is not a timestamptz (or timestamp); name another column for `outbox-relay init` to add, or change its type")]
+    SentColumnType { table: TableName, column: String },
+    #[error("no unique index on column {column:?} of table \"{table}\": with duplicate values, removing a sent row could remove an unsent one; run {sql};")]
+    NotUnique {
+        table: TableName,
+        column: String,
+        sql: String,
+    },
+    #[error("role {role_sql} cannot {what}: table \"{table}\" is owned by {owner_sql}; run `outbox-relay init` as {owner_sql} (or a superuser)")]
+    NotOwner {
+        table: TableName,
+        owner_sql: String,
+        role_sql: String,
+        what: String,
+    },
+    #[error("the {what} polling needs is missing on table \"{table}\" and the relay never alters the table itself; run `outbox-relay init` (--dry-run prints the SQL), or as the table's owner: {sql};")]
+    Missing {
+        table: TableName,
+        what: String,
+        sql: String,
+    },
+    /// Another instance polls this table: stand by.
+    #[error("another instance polls table \"{table}\" (it holds the leader lock{})", .pid.map(|p| format!(", backend pid {p}")).unwrap_or_default())]
+    LockHeld { table: TableName, pid: Option<i32> },
+    #[error("{source}; it has {column} = {value}: it and every row after it stay in the table; fix or delete the row (or set outbox.on_invalid = \"dead_letter\") and start again")]
+    BadRow {
+        column: String,
+        value: i64,
+        source: MappingError,
+    },
+}
+
+impl PollError {
+    /// The `kind` label of `outbox_relay_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PollError::LockHeld { .. } => "lock_held",
+            PollError::BadRow { .. } => "invalid_row",
+            _ => "setup",
+        }
+    }
+}
 
 /// Type OIDs of the integer types an order column may have.
 const INT2: u32 = 21;
@@ -373,132 +435,4 @@ pub fn checks(info: Option<&TableInfo>, cfg: &Config, role_sql: &str) -> Vec<(St
 }
 
 #[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-
-    fn cfg(poll: &str) -> Config {
-        let text = format!(
-            "[postgres]\nurl = \"postgresql://relay@db/app\"\n[source]\nkind = \"poll\"\n[poll]\n{poll}"
-        );
-        Config::from_toml(&text, Path::new("relay.toml"), |_| None).unwrap()
-    }
-
-    fn info(columns: &[(&str, u32)]) -> TableInfo {
-        TableInfo {
-            oid: 1,
-            owner_sql: "app".into(),
-            owned: true,
-            columns: columns
-                .iter()
-                .map(|(n, t)| Column {
-                    is_key: false,
-                    name: n.to_string(),
-                    type_oid: *t,
-                    type_modifier: -1,
-                })
-                .collect(),
-            select: true,
-            delete: true,
-            update: true,
-            sequence: Some(("public.outbox_relay_seq_seq".into(), 1)),
-            indexes: vec![IndexInfo {
-                unique: true,
-                partial: false,
-                on_unsent: false,
-            }],
-            trigger: false,
-        }
-    }
-
-    fn states(checks: &[(String, Check)]) -> Vec<String> {
-        checks
-            .iter()
-            .map(|(l, c)| match c {
-                Check::Ok(_) => format!("{l}: ok"),
-                Check::Create(sql) => format!("{l}: {}", sql.join("; ")),
-                Check::Warn(_) => format!("{l}: warn"),
-                Check::Problem(e) => format!("{l}: {e}"),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_ready_table_passes_and_a_bare_one_gets_column_and_index() {
-        let c = cfg("");
-        let ready = info(&[("id", 2950), ("relay_seq", INT8)]);
-        assert_eq!(
-            states(&checks(Some(&ready), &c, "relay")),
-            ["privileges: ok", "order column relay_seq: ok", "index: ok"]
-        );
-        let mut bare = info(&[("id", 2950)]);
-        bare.sequence = None;
-        bare.indexes.clear();
-        assert_eq!(
-            states(&checks(Some(&bare), &c, "relay")),
-            [
-                "privileges: ok",
-                "order column relay_seq: ALTER TABLE \"public\".\"outbox\" ADD COLUMN IF NOT EXISTS \"relay_seq\" bigint GENERATED ALWAYS AS IDENTITY",
-                "index: CREATE UNIQUE INDEX IF NOT EXISTS \"outbox_relay_seq_poll\" ON \"public\".\"outbox\" (\"relay_seq\")",
-            ]
-        );
-    }
-
-    #[test]
-    fn mark_mode_wants_a_partial_index_and_the_sent_column() {
-        let c = cfg("after_send = \"mark\"\nnotify = true\n");
-        let t = info(&[("relay_seq", INT8)]);
-        let s = states(&checks(Some(&t), &c, "relay"));
-        assert_eq!(s[2], "sent column sent_at: ALTER TABLE \"public\".\"outbox\" ADD COLUMN IF NOT EXISTS \"sent_at\" timestamptz");
-        assert_eq!(s[3], "index: CREATE UNIQUE INDEX IF NOT EXISTS \"outbox_relay_seq_poll\" ON \"public\".\"outbox\" (\"relay_seq\") WHERE \"sent_at\" IS NULL");
-        assert!(s[4].starts_with("notify trigger: CREATE OR REPLACE FUNCTION \"public\".\"outbox_relay_poll_notify\"()"), "{}", s[4]);
-        assert!(s[4].contains("EXECUTE FUNCTION \"public\".\"outbox_relay_poll_notify\"('outbox_relay_public_outbox')"), "{}", s[4]);
-        let mut marked = info(&[("relay_seq", INT8), ("sent_at", TIMESTAMPTZ)]);
-        marked.indexes.push(IndexInfo {
-            unique: false,
-            partial: true,
-            on_unsent: true,
-        });
-        marked.trigger = true;
-        assert_eq!(
-            states(&checks(Some(&marked), &c, "relay")),
-            [
-                "privileges: ok",
-                "order column relay_seq: ok",
-                "sent column sent_at: ok",
-                "index: ok",
-                "notify trigger: ok"
-            ]
-        );
-    }
-
-    #[test]
-    fn problems_say_what_to_run() {
-        let c = cfg("");
-        let mut t = info(&[("relay_seq", 25)]);
-        t.delete = false;
-        let s = states(&checks(Some(&t), &c, "relay"));
-        assert!(
-            s[0].contains("GRANT SELECT, DELETE ON \"public\".\"outbox\" TO relay"),
-            "{}",
-            s[0]
-        );
-        assert!(s[1].contains("is not an integer"), "{}", s[1]);
-        let mut t = info(&[("relay_seq", INT8)]);
-        t.sequence = Some(("public.s".into(), 20));
-        t.indexes = vec![IndexInfo {
-            unique: false,
-            partial: false,
-            on_unsent: false,
-        }];
-        let s = states(&checks(Some(&t), &c, "relay"));
-        assert!(s[1].contains("ALTER SEQUENCE public.s CACHE 1"), "{}", s[1]);
-        assert!(s[2].contains("no unique index"), "{}", s[2]);
-        let mut t = info(&[("id", 2950)]);
-        t.owned = false;
-        t.indexes.clear();
-        let s = states(&checks(Some(&t), &c, "relay"));
-        assert!(s[1].contains("owned by app"), "{}", s[1]);
-    }
-}
+mod tests;
