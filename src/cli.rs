@@ -188,11 +188,16 @@ pub fn main() -> ExitCode {
                     }
                     other => format!("sink {}", other.label()),
                 };
+                let source = match cfg.source.kind {
+                    crate::config::SourceKind::Wal => format!(
+                        "slot {:?}, publication {:?}",
+                        cfg.postgres.slot, cfg.postgres.publication
+                    ),
+                    crate::config::SourceKind::Poll => "polling the table".to_string(),
+                };
                 println!(
-                    "{}: ok (slot {:?}, publication {:?}, table {}, topic template {:?}, {sink})",
+                    "{}: ok ({source}, table {}, topic template {:?}, {sink})",
                     config.display(),
-                    cfg.postgres.slot,
-                    cfg.postgres.publication,
                     cfg.outbox.table,
                     cfg.outbox.topic,
                 );
