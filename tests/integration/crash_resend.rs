@@ -3,7 +3,6 @@
 //! what was in flight at the kill (read from its `/metrics` just before) and
 //! what was acknowledged shortly before it; nothing is lost.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,53 +111,6 @@ async fn sigkill_resends_only_what_was_in_flight_or_just_acknowledged() {
     terminate(&mut child.0);
 
     let got = consume_distinct(&s.brokers, &tc.topic("evt"), total as usize);
-    let mut copies: HashMap<i64, usize> = HashMap::new();
-    for seq in seqs(&got) {
-        *copies.entry(seq).or_default() += 1;
-    }
-    let lost: Vec<i64> = (0..total).filter(|s| !copies.contains_key(s)).collect();
-    assert!(lost.is_empty(), "committed rows never delivered: {lost:?}");
-    // Each extra copy belongs to the first kill after which its row could
-    // have been produced: the first instance that produced it died there.
-    let mut resent = vec![0usize; kills.len()];
-    for (seq, n) in &copies {
-        if *n > 1 {
-            let k = kills
-                .iter()
-                .position(|k| *seq <= k.max_seq)
-                .unwrap_or_else(|| panic!("seq {seq} sent {n} times, none of them before a kill"));
-            resent[k] += n - 1;
-        }
-    }
-    let report: Vec<String> = kills
-        .iter()
-        .zip(&resent)
-        .map(|(k, r)| {
-            format!(
-                "in_flight={} acked_{}ms={} slack={} resent={r} allowed={}",
-                k.in_flight,
-                ACKED_WINDOW.as_millis(),
-                k.acked_in_window,
-                k.produced_slack,
-                k.allowance()
-            )
-        })
-        .collect();
-    eprintln!(
-        "FAULT crash_resend: written={total} delivered={} duplicates={} kills: {}",
-        got.len(),
-        resent.iter().sum::<usize>(),
-        report.join("; ")
-    );
-    for (i, (k, r)) in kills.iter().zip(&resent).enumerate() {
-        assert!(
-            *r <= k.allowance(),
-            "kill {i}: {r} records re-sent, more than the {} in flight plus {} acknowledged in the {} ms before it (+{} produced meanwhile); all kills: {report:#?}; log {}",
-            k.in_flight,
-            k.acked_in_window,
-            ACKED_WINDOW.as_millis(),
-            k.produced_slack,
-            Path::new(&log).display()
-        );
-    }
+    let context = format!("log {}", Path::new(&log).display());
+    check_resends("FAULT crash_resend", &seqs(&got), total, &kills, &context);
 }

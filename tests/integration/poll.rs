@@ -464,52 +464,7 @@ async fn a_sigkill_loop_loses_nothing_and_resends_only_the_in_flight_tail() {
     terminate(&mut child.0);
 
     let got = consume_distinct(&s.brokers, &tc.topic("evt"), total as usize);
-    let mut copies: HashMap<i64, usize> = HashMap::new();
-    for seq in seqs(&got) {
-        *copies.entry(seq).or_default() += 1;
-    }
-    let lost: Vec<i64> = (0..total).filter(|s| !copies.contains_key(s)).collect();
-    assert!(lost.is_empty(), "committed rows never delivered: {lost:?}");
-    let mut resent = vec![0usize; kills.len()];
-    for (seq, n) in &copies {
-        if *n > 1 {
-            let k = kills
-                .iter()
-                .position(|k| *seq <= k.max_seq)
-                .unwrap_or_else(|| panic!("seq {seq} sent {n} times, none of them before a kill"));
-            resent[k] += n - 1;
-        }
-    }
-    let report: Vec<String> = kills
-        .iter()
-        .zip(&resent)
-        .map(|(k, r)| {
-            format!(
-                "in_flight={} acked_{}ms={} slack={} resent={r} allowed={}",
-                k.in_flight,
-                ACKED_WINDOW.as_millis(),
-                k.acked_in_window,
-                k.produced_slack,
-                k.allowance()
-            )
-        })
-        .collect();
-    eprintln!(
-        "POLL crash: written={total} delivered={} duplicates={} kills: {}",
-        got.len(),
-        resent.iter().sum::<usize>(),
-        report.join("; ")
-    );
-    for (i, (k, r)) in kills.iter().zip(&resent).enumerate() {
-        assert!(
-            *r <= k.allowance(),
-            "kill {i}: {r} rows re-sent, more than the {} in flight plus {} acknowledged in the {} ms before it (+{} produced meanwhile); all kills: {report:#?}",
-            k.in_flight,
-            k.acked_in_window,
-            ACKED_WINDOW.as_millis(),
-            k.produced_slack,
-        );
-    }
+    check_resends("POLL crash", &seqs(&got), total, &kills, "");
 }
 
 async fn get(addr: &str, path: &'static str) -> Option<(u16, String)> {

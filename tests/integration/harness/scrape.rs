@@ -76,3 +76,59 @@ impl Kill {
         (self.in_flight + self.acked_in_window + self.produced_slack).ceil() as usize
     }
 }
+
+/// Asserts that `got` (every copy read back, by `seq`) holds each of the
+/// `total` rows, and that the copies re-sent after each kill stay within what
+/// that kill's readings allow; prints `label` with the counts. `context` is
+/// added to a failure (a log path).
+pub fn check_resends(label: &str, got: &[i64], total: i64, kills: &[Kill], context: &str) {
+    use std::collections::HashMap;
+    let mut copies: HashMap<i64, usize> = HashMap::new();
+    for seq in got {
+        *copies.entry(*seq).or_default() += 1;
+    }
+    let lost: Vec<i64> = (0..total).filter(|s| !copies.contains_key(s)).collect();
+    assert!(lost.is_empty(), "committed rows never delivered: {lost:?}");
+    // Each extra copy belongs to the first kill after which its row could
+    // have been produced: the first instance that produced it died there.
+    let mut resent = vec![0usize; kills.len()];
+    for (seq, n) in &copies {
+        if *n > 1 {
+            let k = kills
+                .iter()
+                .position(|k| *seq <= k.max_seq)
+                .unwrap_or_else(|| panic!("seq {seq} sent {n} times, none of them before a kill"));
+            resent[k] += n - 1;
+        }
+    }
+    let report: Vec<String> = kills
+        .iter()
+        .zip(&resent)
+        .map(|(k, r)| {
+            format!(
+                "in_flight={} acked_{}ms={} slack={} resent={r} allowed={}",
+                k.in_flight,
+                ACKED_WINDOW.as_millis(),
+                k.acked_in_window,
+                k.produced_slack,
+                k.allowance()
+            )
+        })
+        .collect();
+    eprintln!(
+        "{label}: written={total} delivered={} duplicates={} kills: {}",
+        got.len(),
+        resent.iter().sum::<usize>(),
+        report.join("; ")
+    );
+    for (i, (k, r)) in kills.iter().zip(&resent).enumerate() {
+        assert!(
+            *r <= k.allowance(),
+            "kill {i}: {r} records re-sent, more than the {} in flight plus {} acknowledged in the {} ms before it (+{} produced meanwhile); all kills: {report:#?}; {context}",
+            k.in_flight,
+            k.acked_in_window,
+            ACKED_WINDOW.as_millis(),
+            k.produced_slack,
+        );
+    }
+}
