@@ -413,6 +413,29 @@ pub async fn table_kind(client: &Client, table: &TableName) -> Result<Option<boo
 }
 
 /// `CREATE TABLE IF NOT EXISTS` of `sql/001_outbox.sql` for `table`, on one line, without `;`.
+/// The columns of the table `oid`, in order, as pgoutput would describe them.
+pub async fn table_columns(
+    client: &Client,
+    oid: u32,
+) -> Result<Vec<crate::pgoutput::Column>, SetupError> {
+    Ok(client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(q("reading the outbox table's columns"))?
+        .iter()
+        .map(|r| crate::pgoutput::Column {
+            is_key: false,
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_modifier: r.get(2),
+        })
+        .collect())
+}
+
 pub fn create_table_sql(table: &TableName) -> String {
     outbox_sql_one_line().replacen("public.outbox", &table.quoted(), 1)
 }

@@ -131,22 +131,7 @@ pub async fn inspect(client: &Client, cfg: &Config) -> Result<Facts, SetupError>
     let table_facts = match found {
         Some(row) => {
             let oid: u32 = row.get(0);
-            let columns = client
-                .query(
-                    "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
-                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                    &[&oid],
-                )
-                .await
-                .map_err(q("reading the outbox table's columns"))?
-                .iter()
-                .map(|r| Column {
-                    is_key: false,
-                    name: r.get(0),
-                    type_oid: r.get(1),
-                    type_modifier: r.get(2),
-                })
-                .collect();
+            let columns = crate::setup::table_columns(client, oid).await?;
             TableFacts::Exists {
                 owner_sql: row.get(1),
                 owned: row.get::<_, bool>(2) || role.superuser,

@@ -140,22 +140,7 @@ impl TableInfo {
             return Ok(None);
         };
         let oid: u32 = row.get(0);
-        let columns = client
-            .query(
-                "SELECT attname::text, atttypid, atttypmod FROM pg_attribute
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                &[&oid],
-            )
-            .await
-            .map_err(q("reading the outbox table's columns"))?
-            .iter()
-            .map(|r| Column {
-                is_key: false,
-                name: r.get(0),
-                type_oid: r.get(1),
-                type_modifier: r.get(2),
-            })
-            .collect();
+        let columns = crate::setup::table_columns(client, oid).await?;
         let sequence = match row.get::<_, Option<String>>(7) {
             Some(seq) => {
                 let cache: i64 = client
