@@ -369,14 +369,21 @@ pub async fn read_role(client: &Client) -> Result<Role, SetupError> {
 /// silently skip every event committed since: that is an error. On a standby
 /// the relay never creates the slot itself (`init` does).
 /// `first_session` is false once this process has streamed from the slot.
+///
+/// `created_publication`: this process created the publication (in this or
+/// an earlier attempt that failed before the slot existed, e.g. with all
+/// replication slots in use); set here when it does. Only then, before the
+/// first session streamed, is a missing slot created rather than called lost.
 pub async fn prepare(
     client: &Client,
     cfg: &Config,
     first_session: bool,
+    created_publication: &mut bool,
 ) -> Result<(Server, SlotState), SetupError> {
     let (server, role, publication_created) = prepare_publication(client, cfg).await?;
+    *created_publication |= publication_created;
     let may_create = !server.in_recovery
-        && (cfg.postgres.recreate_missing_slot || (first_session && publication_created));
+        && (cfg.postgres.recreate_missing_slot || (first_session && *created_publication));
     let slot = ensure_slot(client, cfg, &server, &role.database, may_create).await?;
     Ok((server, slot))
 }

@@ -44,6 +44,9 @@ pub(super) struct Carried {
     pub acked: Lsn,
     /// A session of this process has streamed (before that, a missing slot may be created).
     pub ever_streamed: bool,
+    /// This process created the publication: until a session streamed, a
+    /// missing slot is the one it has yet to create, not a lost one.
+    pub created_publication: bool,
     /// `[replay] window`, kept across sessions.
     pub window: Option<WindowKeeper>,
 }
@@ -126,7 +129,13 @@ impl Session<'_> {
             };
             (temp.clone(), None, plan, None)
         } else {
-            let (server, slot) = setup::prepare(&client, cfg, self.first).await?;
+            let (server, slot) = setup::prepare(
+                &client,
+                cfg,
+                self.first,
+                &mut self.carried.created_publication,
+            )
+            .await?;
             let (plan, store) = self.plan(client, &server, &slot).await?;
             if store.is_some() {
                 self.progress

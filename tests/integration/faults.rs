@@ -463,3 +463,65 @@ pub async fn sigkill_loop_loses_nothing_and_keeps_per_key_order(s: &'static Serv
         catch_up.as_millis()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_with_every_replication_slot_taken_waits_and_creates_its_slot() {
+    use rdkafka::mocking::MockCluster;
+    // One replication slot, held by something else: the relay's first start
+    // creates the publication, fails to create its slot (53400), and must
+    // create it on a later attempt once a slot is free, not call it lost.
+    let pg = PgCluster::start_with(ClusterOptions {
+        settings: vec!["max_replication_slots=1".into()],
+        ..Default::default()
+    });
+    let tc = TestCase {
+        name: "slotsfull".into(),
+        table: "outbox".into(),
+        s: servers(),
+    };
+    let db = pg.sql().await;
+    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
+        .await
+        .unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')")
+        .await
+        .unwrap();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    let text = tc
+        .config_text(&mock.bootstrap_servers(), "")
+        .replace("create_topics = true", "create_topics = false")
+        .replace(&servers().url(), &pg.url());
+    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    let relay = spawn_relay(cfg);
+    eventually(30, "a failed slot creation", || async {
+        Metrics::total(&relay.metrics.errors) > 0
+    })
+    .await;
+    assert!(
+        !relay.is_finished(),
+        "the relay gave up: {:?}",
+        relay.join().await
+    );
+    db.batch_execute("SELECT pg_drop_replication_slot('someone_else')")
+        .await
+        .unwrap();
+    eventually(30, "the relay streaming from its own slot", || async {
+        relay.metrics.is_active()
+    })
+    .await;
+    let end = insert_rows(&db, "outbox", "evt", 0, 5).await;
+    eventually(30, "the rows confirmed", || async {
+        let c: String = db
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'slotsfull'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        c.parse::<Lsn>().unwrap() >= end
+    })
+    .await;
+    relay.stop().await.unwrap();
+}

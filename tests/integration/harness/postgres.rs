@@ -253,7 +253,9 @@ pub(crate) fn postgres_options(port: u16, socket_dir: &Path, durable: bool) -> V
         "listen_addresses=127.0.0.1",
         "wal_level=logical",
         "max_wal_senders=64",
-        "max_replication_slots=64",
+        // Every test binary shares one server and most tests leave their slot
+        // behind (its state is what they assert): room for all of them.
+        "max_replication_slots=256",
         "wal_sender_timeout=10s",
         "fsync=off",
         if durable {
