@@ -58,7 +58,7 @@ pub use relay::{
     Output, RunningRelay,
 };
 #[allow(unused_imports)]
-pub use scrape::{check_resends, read_metrics, Kill, Reading, ACKED_WINDOW};
+pub use scrape::{check_resends, read_metrics, Kill, KillLoop, Reading, ACKED_WINDOW};
 #[allow(unused_imports)]
 pub use servers::{create_role, servers, servers_on, Servers};
 #[allow(unused_imports)]

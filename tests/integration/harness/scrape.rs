@@ -3,6 +3,8 @@
 //! just before it (their position or removal was not stored yet), and those
 //! produced between the last reading and the kill.
 
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{http_get, sample};
@@ -130,5 +132,122 @@ pub fn check_resends(label: &str, got: &[i64], total: i64, kills: &[Kill], conte
             ACKED_WINDOW.as_millis(),
             k.produced_slack,
         );
+    }
+}
+
+/// The scaffold of a SIGKILL loop against a relay binary: a writer committing
+/// about 1,000 rows/s (transactions of 1 to 9 rows, `seq` from 0) into
+/// `table`, a thread reading `/metrics` every 5 ms, and [`KillLoop::kill`]
+/// that waits for the instance to acknowledge, lets it run a random while,
+/// reads it a last time, kills it and returns what that kill may re-send.
+pub struct KillLoop {
+    addr: String,
+    stop_writing: Arc<AtomicBool>,
+    committed: Arc<AtomicI64>,
+    writer: tokio::task::JoinHandle<i64>,
+    readings: Arc<Mutex<Vec<Reading>>>,
+    stop_reading: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<()>,
+    rng: u64,
+}
+
+impl KillLoop {
+    pub fn start(table: &str, addr: &str) -> KillLoop {
+        let stop_writing = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicI64::new(-1));
+        let writer = {
+            let (stop, committed, table) =
+                (stop_writing.clone(), committed.clone(), table.to_string());
+            tokio::spawn(async move {
+                let db = super::servers().sql().await;
+                let mut next = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = 1 + next % 9;
+                    super::insert_rows(&db, &table, "evt", next, n).await;
+                    next += n;
+                    committed.store(next - 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                next
+            })
+        };
+        // A reading every few milliseconds, kept per instance.
+        let readings: Arc<Mutex<Vec<Reading>>> = Arc::default();
+        let stop_reading = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (readings, stop, addr) = (readings.clone(), stop_reading.clone(), addr.to_string());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(r) = read_metrics(&addr) {
+                        readings.lock().unwrap().push(r);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        KillLoop {
+            addr: addr.to_string(),
+            stop_writing,
+            committed,
+            writer,
+            readings,
+            stop_reading,
+            reader,
+            rng: 0x2545_F491_4F6C_DD1D,
+        }
+    }
+
+    /// Waits until the instance acknowledges records, lets it run for
+    /// `min_ms` plus a random part of `spread_ms`, then SIGKILLs `child`.
+    pub async fn kill(
+        &mut self,
+        child: &mut std::process::Child,
+        min_ms: u64,
+        spread_ms: u64,
+    ) -> Kill {
+        // Each instance first streams and acknowledges for a while.
+        let started = Instant::now();
+        let addr = self.addr.clone();
+        super::eventually(60, "the instance acknowledges records", || {
+            let addr = addr.clone();
+            async move { read_metrics(&addr).is_some_and(|r| r.acked > 0.0) }
+        })
+        .await;
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        tokio::time::sleep(Duration::from_millis(min_ms + self.rng % spread_ms)).await;
+        // The last reading, then at once the kill.
+        let Some(last) = read_metrics(&addr) else {
+            panic!("no metrics from the running relay at {addr}");
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let history: Vec<Reading> = self
+            .readings
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.at >= started)
+            .copied()
+            .collect();
+        // Rows committed after the kill were never produced by this instance;
+        // reading the counter a moment later only widens the seq range.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let kill = Kill::from_readings(&history, last, self.committed.load(Ordering::SeqCst));
+        self.readings.lock().unwrap().clear();
+        kill
+    }
+
+    /// Stops the writer; the number of rows it committed.
+    pub async fn stop_writing(&mut self) -> i64 {
+        self.stop_writing.store(true, Ordering::Relaxed);
+        (&mut self.writer).await.unwrap()
+    }
+
+    /// Stops the metrics reader.
+    pub fn stop_reading(self) {
+        self.stop_reading.store(true, Ordering::Relaxed);
+        self.reader.join().unwrap();
     }
 }
