@@ -53,6 +53,56 @@ async fn committed_seqs(db: &tokio_postgres::Client, table: &str) -> HashSet<i64
     .collect()
 }
 
+/// A relay on an own cluster: its outbox table (`sql/001_outbox.sql`), a
+/// connection, a MockCluster with the `evt` topic (no topic creation), and the
+/// config for slot `name` (`kafka_extra` appended), as text and parsed.
+struct OwnClusterRelay {
+    tc: TestCase,
+    db: tokio_postgres::Client,
+    mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    text: String,
+    cfg: Config,
+}
+
+async fn own_cluster_relay(pg: &PgCluster, name: &str, kafka_extra: &str) -> OwnClusterRelay {
+    let tc = TestCase {
+        name: name.into(),
+        table: "outbox".into(),
+        s: servers(),
+    };
+    let db = pg.sql().await;
+    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
+        .await
+        .unwrap();
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
+    let text = tc
+        .config_text(&mock.bootstrap_servers(), kafka_extra)
+        .replace("create_topics = true", "create_topics = false")
+        .replace(&servers().url(), &pg.url());
+    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
+    OwnClusterRelay {
+        tc,
+        db,
+        mock,
+        text,
+        cfg,
+    }
+}
+
+/// The confirmed position of slot `slot` on the server of `db`.
+async fn slot_confirmed(db: &tokio_postgres::Client, slot: &str) -> Lsn {
+    db.query_one(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .get::<_, String>(0)
+    .parse()
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     let pg = PgCluster::start();
@@ -249,7 +299,6 @@ async fn wal_status(db: &tokio_postgres::Client, slot: &str) -> Option<Option<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated() {
-    use rdkafka::mocking::MockCluster;
     // A server that keeps no WAL for a slot beyond the current segment: the
     // first checkpoint after a segment switch invalidates a slot left behind.
     let pg = PgCluster::start_with(ClusterOptions {
@@ -261,41 +310,24 @@ async fn a_slot_invalidated_under_a_running_relay_is_fatal_and_never_recreated()
         ],
         ..Default::default()
     });
-    let tc = TestCase {
-        name: "lostslot".into(),
-        table: "outbox".into(),
-        s: servers(),
-    };
-    let db = pg.sql().await;
-    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
-        .await
-        .unwrap();
+    // Kafka that can go away: the slot then stays where the last acknowledged record was.
+    let OwnClusterRelay {
+        tc,
+        db,
+        mock,
+        text,
+        cfg,
+    } = own_cluster_relay(
+        &pg,
+        "lostslot",
+        "[kafka.properties]\n\"message.timeout.ms\" = 300000\n",
+    )
+    .await;
     db.batch_execute("CREATE TABLE scratch (pad text)")
         .await
         .unwrap();
-    // Kafka that can go away: the slot then stays where the last acknowledged record was.
-    let mock = MockCluster::new(1).unwrap();
-    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
-    let text = tc
-        .config_text(
-            &mock.bootstrap_servers(),
-            "[kafka.properties]\n\"message.timeout.ms\" = 300000\n",
-        )
-        .replace("create_topics = true", "create_topics = false")
-        .replace(&servers().url(), &pg.url());
-    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
     let relay = start_relay(cfg.clone()).await;
-    let confirmed = || async {
-        db.query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'lostslot'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse::<Lsn>()
-        .unwrap()
-    };
+    let confirmed = || slot_confirmed(&db, "lostslot");
     let first = insert_rows(&db, "outbox", "evt", 0, 5).await;
     eventually(30, "first rows confirmed", || async {
         confirmed().await >= first
@@ -466,7 +498,6 @@ pub async fn sigkill_loop_loses_nothing_and_keeps_per_key_order(s: &'static Serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_with_every_replication_slot_taken_waits_and_creates_its_slot() {
-    use rdkafka::mocking::MockCluster;
     // One replication slot, held by something else: the relay's first start
     // creates the publication, fails to create its slot (53400), and must
     // create it on a later attempt once a slot is free, not call it lost.
@@ -474,25 +505,15 @@ async fn a_first_start_with_every_replication_slot_taken_waits_and_creates_its_s
         settings: vec!["max_replication_slots=1".into()],
         ..Default::default()
     });
-    let tc = TestCase {
-        name: "slotsfull".into(),
-        table: "outbox".into(),
-        s: servers(),
-    };
-    let db = pg.sql().await;
-    db.batch_execute(include_str!("../../sql/001_outbox.sql"))
-        .await
-        .unwrap();
+    let OwnClusterRelay {
+        db,
+        mock: _mock,
+        cfg,
+        ..
+    } = own_cluster_relay(&pg, "slotsfull", "").await;
     db.batch_execute("SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')")
         .await
         .unwrap();
-    let mock = MockCluster::new(1).unwrap();
-    mock.create_topic(&tc.topic("evt"), 1, 1).unwrap();
-    let text = tc
-        .config_text(&mock.bootstrap_servers(), "")
-        .replace("create_topics = true", "create_topics = false")
-        .replace(&servers().url(), &pg.url());
-    let cfg = Config::from_toml(&text, Path::new("t"), |_| None).unwrap();
     let relay = spawn_relay(cfg);
     eventually(30, "a failed slot creation", || async {
         Metrics::total(&relay.metrics.errors) > 0
@@ -512,15 +533,7 @@ async fn a_first_start_with_every_replication_slot_taken_waits_and_creates_its_s
     .await;
     let end = insert_rows(&db, "outbox", "evt", 0, 5).await;
     eventually(30, "the rows confirmed", || async {
-        let c: String = db
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'slotsfull'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        c.parse::<Lsn>().unwrap() >= end
+        slot_confirmed(&db, "slotsfull").await >= end
     })
     .await;
     relay.stop().await.unwrap();
