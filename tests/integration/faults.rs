@@ -416,14 +416,7 @@ pub async fn sigkill_loop_loses_nothing_and_keeps_per_key_order(s: &'static Serv
     let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 6000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = s.sql().await;
-        for i in (0..TOTAL).step_by(6) {
-            insert_rows(&db, &table, "evt", i, 6).await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
+    let writer = paced_writer(s, &tc.table, TOTAL, 6, Duration::from_millis(2));
     // Deterministic pseudo-random kill points. Recovery: from a restart until
     // the new instance streams, if that happens before the next kill.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;

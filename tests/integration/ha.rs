@@ -54,14 +54,7 @@ pub async fn standby_instance_takes_over_after_sigkill(s: &'static Servers) {
     assert_eq!(sample(&metrics_b, "outbox_relay_active"), Some(0.0));
 
     const TOTAL: i64 = 2000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = s.sql().await;
-        for i in (0..TOTAL).step_by(5) {
-            insert_rows(&db, &table, "evt", i, 5).await;
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-    });
+    let writer = paced_writer(s, &tc.table, TOTAL, 5, Duration::from_millis(3));
     let start_lsn = tc.confirmed().await;
     eventually(30, "progress", || async {
         tc.confirmed().await > start_lsn

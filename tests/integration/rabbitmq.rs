@@ -192,14 +192,7 @@ async fn rabbitmq_sigterm_mid_stream_then_restart_repeats_no_confirmed_row() {
     let (config, log, mut child) = start_binary(&tc, dir.path(), &text).await;
 
     const TOTAL: i64 = 3000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
-        for i in (0..TOTAL).step_by(5) {
-            insert_rows(&db, &table, "evt", i, 5).await;
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-    });
+    let writer = paced_writer(servers(), &tc.table, TOTAL, 5, Duration::from_millis(3));
     let start = tc.confirmed().await;
     eventually(60, "relay progress", || async {
         tc.confirmed().await > start

@@ -213,14 +213,7 @@ async fn redis_sigterm_then_restart_repeats_no_confirmed_row() {
     let (config, log, mut child) = start_binary(&tc, dir.path(), &config_text(&tc, url, "")).await;
 
     const TOTAL: i64 = 2000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
-        for i in (0..TOTAL).step_by(5) {
-            insert_rows(&db, &table, "evt", i, 5).await;
-            tokio::time::sleep(Duration::from_millis(4)).await;
-        }
-    });
+    let writer = paced_writer(servers(), &tc.table, TOTAL, 5, Duration::from_millis(4));
     let start = tc.confirmed().await;
     eventually(60, "relay progress", || async {
         tc.confirmed().await > start
@@ -266,14 +259,7 @@ async fn redis_sigkill_loop_loses_nothing_and_keeps_per_key_order() {
     let (config, log, mut child) = start_binary(&tc, dir.path(), &config_text(&tc, url, "")).await;
 
     const TOTAL: i64 = 3000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = servers().sql().await;
-        for i in (0..TOTAL).step_by(6) {
-            insert_rows(&db, &table, "evt", i, 6).await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
+    let writer = paced_writer(servers(), &tc.table, TOTAL, 6, Duration::from_millis(2));
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut kills = 0;
     while !writer.is_finished() && kills < 8 {

@@ -21,14 +21,7 @@ pub async fn sigterm_then_restart_repeats_only_unconfirmed_rows(s: &'static Serv
     let (config, log, mut child) = tc.start_binary(dir.path()).await;
 
     const TOTAL: i64 = 4000;
-    let table = tc.table.clone();
-    let writer = tokio::spawn(async move {
-        let db = s.sql().await;
-        for i in (0..TOTAL).step_by(5) {
-            insert_rows(&db, &table, "evt", i, 5).await;
-            tokio::time::sleep(Duration::from_millis(4)).await;
-        }
-    });
+    let writer = paced_writer(s, &tc.table, TOTAL, 5, Duration::from_millis(4));
 
     // Stop while the writer is still writing and the relay has made progress.
     let start = tc.confirmed().await;

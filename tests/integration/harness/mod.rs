@@ -127,6 +127,25 @@ fn without_const_labels(series: &str) -> String {
     }
 }
 
+/// A writer task committing rows `0..total` of aggregate type `evt` into
+/// `table` on `s`, `per_tx` rows per transaction, pausing `pause` after each.
+pub fn paced_writer(
+    s: &'static Servers,
+    table: &str,
+    total: i64,
+    per_tx: i64,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let table = table.to_string();
+    tokio::spawn(async move {
+        let db = s.sql().await;
+        for i in (0..total).step_by(per_tx as usize) {
+            insert_rows(&db, &table, "evt", i, per_tx).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
 /// Inserts `n` rows with seq `from..from+n` in one transaction; returns the WAL insert position after it.
 pub async fn insert_rows(
     db: &tokio_postgres::Client,
